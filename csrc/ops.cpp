@@ -1,0 +1,52 @@
+// Every vidconv op's schema, in one place. Kernels register themselves per backend in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in vidconv/ops/.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifdef VIDCONV_WITH_CUDA
+#include <cuda.h>
+#endif
+
+#ifndef VIDCONV_ARCHS
+#define VIDCONV_ARCHS ""
+#endif
+
+TORCH_LIBRARY(vidconv, m) {
+  // uint8 clips (N, T, H, W, C) -> fovea and context streams, each (N, C, T, S, S).
+  // offsets: int64 (N, 2) top-left (y, x) of the fovea; flip: bool (N,).
+  m.def(
+      "fovea_context(Tensor clips, int size, Tensor offsets, Tensor flip, float[] mean, "
+      "float[] std, ScalarType dtype, bool channels_last) -> (Tensor, Tensor)");
+  // uint8 clips (N, T, H, W, C) -> one S x S crop per clip, (N, C, T, S, S).
+  m.def(
+      "crop_normalize(Tensor clips, int size, Tensor offsets, Tensor flip, float[] mean, "
+      "float[] std, ScalarType dtype, bool channels_last) -> Tensor");
+  // Fused conv3d + bias + optional ReLU. x (N, C, T, H, W), weight (K, C, kt, kh, kw).
+  m.def(
+      "st_conv3d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+      "bool relu) -> Tensor");
+  // Gradients of st_conv3d; `out` is the forward output (for the ReLU mask).
+  // output_mask selects (grad_x, grad_weight, grad_bias); unselected ones come back empty.
+  m.def(
+      "st_conv3d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, int[] stride, "
+      "int[] padding, bool relu, bool[] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+namespace {
+
+pybind11::object cuda_version() {
+#ifdef VIDCONV_WITH_CUDA
+  return pybind11::int_(CUDA_VERSION);
+#else
+  return pybind11::none();
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vidconv C++/CUDA kernels; the ops are reached through torch.ops.vidconv";
+  m.def("cuda_version", &cuda_version,
+        "CUDA version the kernels were built with (e.g. 13000), or None for a CPU-only build");
+  m.attr("cuda_archs") = VIDCONV_ARCHS;
+}

@@ -1,0 +1,42 @@
+"""Shared test matrix: devices and dtypes, the CUDA marker, and the real-world test videos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import vidconv
+
+HAS_CUDA = torch.cuda.is_available() and vidconv.build_info().has_cuda_kernels
+
+# Every device-parametrised test also exists for CUDA; without a GPU it shows up as skipped.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Real-world files beside the project (see their README); absent in a user's fresh clone.
+SHARED_VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "videos"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_CUDA:
+        return
+    why = ("no CUDA device" if not torch.cuda.is_available()
+           else "vidconv was built without CUDA kernels")
+    skip = pytest.mark.skip(reason=f"needs CUDA: {why}")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def shared_videos() -> Path:
+    if not SHARED_VIDEOS.is_dir():
+        pytest.skip(f"real-world test videos not present at {SHARED_VIDEOS}")
+    return SHARED_VIDEOS

@@ -1,0 +1,15 @@
+"""vidconv's ops: the functions users call, over the kernels registered as torch.ops.vidconv.
+
+Each op has a CPU kernel, a CUDA kernel (when built with CUDA), a fake kernel for
+torch.compile, and a plain-PyTorch version in `vidconv.reference` that the tests compare against.
+"""
+
+from vidconv.ops.preprocess import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    crop_normalize,
+    fovea_context,
+)
+from vidconv.ops.st_conv import st_conv3d
+
+__all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "crop_normalize", "fovea_context", "st_conv3d"]
