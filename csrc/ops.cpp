@@ -29,7 +29,7 @@ TORCH_LIBRARY(vidconv, m) {
   // output_mask selects (grad_x, grad_weight, grad_bias); unselected ones come back empty.
   m.def(
       "st_conv3d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, int[] stride, "
-      "int[] padding, bool relu, bool[] output_mask) -> (Tensor, Tensor, Tensor)");
+      "int[] padding, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace {

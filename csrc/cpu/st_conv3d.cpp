@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <array>
+
 namespace vidconv {
 namespace {
 
@@ -22,15 +24,14 @@ at::Tensor st_conv3d_cpu(const at::Tensor& x, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> st_conv3d_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
     const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding, bool relu,
-    at::ArrayRef<bool> output_mask) {
-  TORCH_CHECK(output_mask.size() == 3, "st_conv3d_backward: output_mask needs 3 entries");
+    std::array<bool, 3> output_mask) {
   // d relu(y)/dy is 1 where the output is positive: the saved output carries the mask.
   at::Tensor grad = relu ? grad_out * out.gt(0).to(grad_out.scalar_type()) : grad_out;
   const std::vector<int64_t> bias_sizes{weight.size(0)};
   auto [gx, gw, gb] = at::convolution_backward(
       grad, x, weight, bias_sizes, stride, padding, /*dilation=*/{1, 1, 1},
       /*transposed=*/false, /*output_padding=*/{0, 0, 0}, /*groups=*/1,
-      {output_mask[0], output_mask[1], output_mask[2]});
+      output_mask);
   auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
   return {output_mask[0] ? gx : empty(x), output_mask[1] ? gw : empty(weight),
           output_mask[2] ? gb : empty(weight)};
