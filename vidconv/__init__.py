@@ -7,8 +7,9 @@ fusion networks with their multiresolution variants (`vidconv.models`), and vide
 (`vidconv.data`).
 """
 
-from vidconv._extension import BuildInfo, build_info
-from vidconv import ops  # noqa: I001  (registers fake kernels and autograd with the ops)
+# _C first: it defines the ops that vidconv.ops registers fake kernels and autograd for.
+from vidconv._extension import BuildInfo, build_info  # noqa: I001
+from vidconv import ops
 
 __version__ = "0.1.0"
 

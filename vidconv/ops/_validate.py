@@ -1,4 +1,4 @@
-"""Input checks shared by the ops: errors that name the argument, what was expected and what came."""
+"""Input checks shared by the ops: errors name the argument, the expected and the actual value."""
 
 from __future__ import annotations
 

@@ -1,0 +1,193 @@
+"""What every benchmark script shares: device facts, timing, ceilings, tables and JSON.
+
+Timings are medians of repeats after warm-up; on CUDA they come from CUDA events, on the CPU from
+perf_counter. Every JSON file carries `device_info()` so a number never travels without the
+device it was measured on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto' or None picks CUDA when there is a device and vidconv has CUDA kernels."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def device_info(device: torch.device | str) -> dict[str, Any]:
+    """The device and software versions a measurement was taken with."""
+    import vidconv
+
+    device = torch.device(device)
+    build = vidconv.build_info()
+    info: dict[str, Any] = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "vidconv": vidconv.__version__,
+        "vidconv_cuda": build.cuda,
+        "vidconv_archs": list(build.archs),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["sm_count"] = props.multi_processor_count
+        info["capability"] = f"{props.major}.{props.minor}"
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def device_slug(device: torch.device | str) -> str:
+    """A file-name-safe tag for the device: 'cpu', or e.g. 'nvidia-h100-80gb-hbm3'."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device | str, *, warmup: int = 3,
+            repeats: int = 10) -> dict[str, float]:
+    """Median, min and max milliseconds of `fn()` over `repeats` runs after `warmup` runs."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: list[float] = []
+    if device.type == "cuda":
+        for _ in range(repeats):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "repeats": repeats}
+
+
+def copy_bandwidth_gbs(device: torch.device | str, nbytes: int | None = None) -> float:
+    """Measured copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = 1 << 30 if device.type == "cuda" else 1 << 27
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=2, repeats=10)
+    return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16,
+                  n: int | None = None) -> float:
+    """Measured dense matmul rate in TFLOP/s on random data (the device's practical ceiling)."""
+    device = torch.device(device)
+    if n is None:
+        n = 8192 if device.type == "cuda" else 1024
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device, warmup=2, repeats=5)
+    return 2 * n**3 / (t["median_ms"] * 1e-3) / 1e12
+
+
+def write_json(name: str, payload: dict[str, Any], path: str | Path | None = None,
+               device: torch.device | str | None = None) -> Path:
+    """Write `payload` (plus device_info) to `path` or benchmarks/results/<name>-<device>.json."""
+    device = torch.device(device) if device is not None else resolve_device(None)
+    data = {"benchmark": name, "device_info": device_info(device), **payload}
+    if path is None:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = RESULTS_DIR / f"{name}-{device_slug(device)}.json"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if value == 0 or 0.01 <= abs(value) < 1e5:
+            return f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+        return f"{value:.3g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+                 title: str | None = None) -> str:
+    """A plain-text table, one row per dict; columns default to the first row's keys."""
+    if not rows:
+        return (title + "\n" if title else "") + "(no rows)"
+    columns = list(columns or rows[0].keys())
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None,
+                title: str | None = None) -> None:
+    print(format_table(rows, columns, title), flush=True)
+
+
+def progress(iterable: Iterable[Any], **tqdm_kwargs: Any) -> Iterable[Any]:
+    """A tqdm progress bar on stderr (so the table on stdout stays clean)."""
+    from tqdm import tqdm
+
+    tqdm_kwargs.setdefault("file", sys.stderr)
+    tqdm_kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(iterable, **tqdm_kwargs)
