@@ -184,8 +184,9 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = 
     print(format_table(rows, columns, title), flush=True)
 
 
-def progress(iterable: Iterable[Any], **tqdm_kwargs: Any) -> Iterable[Any]:
-    """A tqdm progress bar on stderr (so the table on stdout stays clean)."""
+def progress(iterable: Iterable[Any] | None = None, **tqdm_kwargs: Any) -> Any:
+    """A tqdm progress bar on stderr (so the table on stdout stays clean). Without an iterable,
+    a manual bar (pass ``total=`` and call ``.update()``)."""
     from tqdm import tqdm
 
     tqdm_kwargs.setdefault("file", sys.stderr)

@@ -25,11 +25,14 @@ for f in "${files[@]}"; do
     echo "check_cuda: register spills in $f:" >&2; echo "$spills" >&2; status=1
   fi
   # one line per kernel and arch: registers, shared memory, stack, spills
-  awk '/Compiling entry function/ {fn=$0; sub(/.*function .?_Z[0-9]*/, "", fn); sub(/.? for .*/, "", fn)}
+  awk '/Compiling entry function/ {match($0, /_Z[A-Za-z0-9_]+/); fn=substr($0, RSTART, RLENGTH)}
        /for .sm_/ {match($0, /sm_[0-9a]+/); arch=substr($0, RSTART, RLENGTH)}
        /bytes stack frame/ {stack=$0}
-       /Used [0-9]+ registers/ {printf "  %-8s %-60.60s %s | %s\n", arch, fn, $0, stack}' "$log" \
-    | sed -e 's/ptxas info *: //g'
+       /Used [0-9]+ registers/ {sub(/.*ptxas info *: */, ""); print arch "\t" fn "\t" $0 " | " stack}' "$log" \
+    | while IFS=$'\t' read -r arch fn regs; do
+        name=$(echo "$fn" | c++filt | sed -e "s/(.*//" -e 's/vidconv::cuda::\((anonymous namespace)::\)\?//g')
+        printf "  %-8s %-70.70s %s\n" "$arch" "$name" "${regs//ptxas info    : /}"
+      done
   echo "ok  $f"
 done
 exit $status
