@@ -7,6 +7,7 @@ each output element once, on the CPU (C++, at::parallel_for) and on CUDA.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -70,12 +71,28 @@ def _prepare(
         raise ValueError(f"memory_format must be torch.contiguous_format or "
                          f"torch.channels_last_3d, got {memory_format}")
 
-    if offsets is None:
-        off = torch.tensor([(h - size) // 2, (w - size) // 2], dtype=torch.int64)
-        off = off.expand(n, 2).contiguous()
-    elif isinstance(offsets, torch.Tensor):
+    max_y, max_x = h - size, w - size
+    if offsets is None or not isinstance(offsets, torch.Tensor):
+        if offsets is None:
+            y, x = max_y // 2, max_x // 2
+        else:
+            try:
+                items = [operator.index(v) for v in offsets]
+            except TypeError:
+                items = []
+            if len(items) != 2:
+                raise ValueError(f"offsets must be (y, x) ints or an (N, 2) int tensor, "
+                                 f"got {offsets!r}")
+            y, x = items
+            if not (0 <= y <= max_y and 0 <= x <= max_x):
+                raise ValueError(f"offsets out of range: (y, x) must satisfy 0 <= y <= {max_y} "
+                                 f"and 0 <= x <= {max_x} for {h}x{w} frames and size {size}, "
+                                 f"got ({y}, {x})")
+        off = torch.tensor([y, x], dtype=torch.int64, device=clips.device).expand(n, 2)
+        off = off.contiguous()
+    else:
         expect_same_device("clips", clips, offsets=offsets)
-        if offsets.is_floating_point() or offsets.dtype == torch.bool:
+        if offsets.is_floating_point() or offsets.is_complex() or offsets.dtype == torch.bool:
             raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
         off = offsets.to(torch.int64)
         if off.dim() == 1 and off.shape[0] == 2:
@@ -84,21 +101,18 @@ def _prepare(
             raise ValueError(f"offsets must have shape ({n}, 2) (top-left y, x per clip) or "
                              f"(2,), got {tuple(offsets.shape)}")
         off = off.contiguous()
-    else:
-        items = list(offsets)
-        if len(items) != 2:
-            raise ValueError(f"offsets must be (y, x) or an (N, 2) tensor, got {offsets!r}")
-        off = torch.tensor(items, dtype=torch.int64).expand(n, 2).contiguous()
-    off_cpu = off.cpu()
-    if n and (off_cpu.min() < 0 or (off_cpu[:, 0] > h - size).any()
-              or (off_cpu[:, 1] > w - size).any()):
-        raise ValueError(
-            f"offsets out of range: each (y, x) must satisfy 0 <= y <= {h - size} and "
-            f"0 <= x <= {w - size} for {h}x{w} frames and size {size}; got min "
-            f"{off_cpu.min().item()}, max y {off_cpu[:, 0].max().item()}, "
-            f"max x {off_cpu[:, 1].max().item()}"
-        )
-    off = off.to(clips.device)
+        # Reading tensor values needs a device sync and is data-dependent control flow, which
+        # torch.compile cannot trace: compiled graphs rely on the kernels (the CPU kernel
+        # re-checks, the CUDA kernel clamps offsets into the frame).
+        if n and not torch.compiler.is_compiling():
+            lo = off.min().item()
+            hi_y, hi_x = (v.item() for v in off.max(dim=0).values)
+            if lo < 0 or hi_y > max_y or hi_x > max_x:
+                raise ValueError(
+                    f"offsets out of range: each (y, x) must satisfy 0 <= y <= {max_y} and "
+                    f"0 <= x <= {max_x} for {h}x{w} frames and size {size}; got min {lo}, "
+                    f"max y {hi_y}, max x {hi_x}"
+                )
 
     if flip is None or isinstance(flip, bool):
         flips = torch.full((n,), bool(flip), dtype=torch.bool, device=clips.device)
@@ -142,12 +156,17 @@ def fovea_context(
         clips: uint8 frames ``(N, T, H, W, 3)`` (or ``(T, H, W, 3)`` for one clip), contiguous,
             as decoders give them. ``H, W >= size``.
         size: side S of both output streams.
-        offsets: top-left ``(y, x)`` of the fovea in the frame: None for the centre, one pair
-            for every clip, or an int tensor ``(N, 2)`` for random crops.
+        offsets: top-left ``(y, x)`` of the fovea in the frame: None for the centre
+            (``((H - S) // 2, (W - S) // 2)``), one pair for every clip, or an int tensor
+            ``(N, 2)`` (or ``(2,)``) on ``clips``' device for random crops. A tensor's values
+            are range-checked (a device sync on CUDA), except under ``torch.compile``, where
+            the CPU kernel still refuses them and the CUDA kernel clamps them into the frame.
         flip: mirror clips left-right: None/False, True for all, or a bool tensor ``(N,)``.
             A flipped clip's fovea is the mirror image of the same crop.
         mean, std: per-channel (R, G, B) normalisation, ``(x - mean) / std``.
-        dtype: float32, float16 or bfloat16 output.
+        dtype: float32, float16 or bfloat16 output. Values are computed in float32 as
+            ``(x - mean) * (1 / std)`` (context: ``x = sum * (1 / count)``), each step rounded
+            once, then rounded to ``dtype``; CPU and CUDA give the same bits.
         memory_format: ``torch.contiguous_format`` or ``torch.channels_last_3d``.
 
     Returns:
@@ -190,9 +209,13 @@ def crop_normalize(
 
 def _fake_output(clips: torch.Tensor, size: int, dtype: torch.dtype,
                  channels_last: bool) -> torch.Tensor:
+    # torch.empty with a memory format gives exactly the strides the kernels' at::empty does
+    # (.contiguous(memory_format) would keep plain strides where they also count as channels
+    # last, e.g. with size 1).
     n, t = clips.shape[0], clips.shape[1]
-    out = clips.new_empty((n, 3, t, size, size), dtype=dtype)
-    return out.contiguous(memory_format=torch.channels_last_3d) if channels_last else out
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    return torch.empty((n, 3, t, size, size), dtype=dtype, device=clips.device,
+                       memory_format=fmt)
 
 
 @torch.library.register_fake("vidconv::fovea_context")
