@@ -1,0 +1,328 @@
+"""fovea_context and crop_normalize against the float64 reference in vidconv.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FLOAT_DTYPES
+
+import vidconv
+from vidconv import reference
+from vidconv.ops import crop_normalize, fovea_context
+
+# Not the defaults, and not powers of two: every rounding step of the kernels shows.
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+
+# (N, T, H, W, S): the paper's 178 -> 89 (exact 2x2 means), odd and prime sizes, H != W,
+# context ratios that are not integers, a frame exactly the crop size.
+SHAPES = [
+    (2, 3, 178, 178, 89),
+    (3, 2, 37, 53, 17),
+    (1, 2, 61, 47, 13),
+    (2, 1, 90, 91, 45),
+    (1, 1, 7, 7, 7),
+    (2, 2, 23, 29, 1),
+    (1, 2, 120, 40, 31),
+]
+
+
+def make_clips(n: int, t: int, h: int, w: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, t, h, w, 3), dtype=torch.uint8, generator=g).to(device)
+
+
+def random_offsets(n: int, h: int, w: int, size: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(0, h - size + 1, (n,), generator=g),
+                        torch.randint(0, w - size + 1, (n,), generator=g)], dim=1)
+
+
+def f32_tolerance(std: tuple[float, ...]) -> float:
+    """1e-6 at the default scale; the kernels round in float32 before dividing by std."""
+    return 1e-6 * max(1.0, 64.0 / min(std))
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor, std: tuple[float, ...] = STD) -> None:
+    """Every element written (no NaN) and within rounding of the float64 reference.
+
+    float32: within 1e-6 (scaled for small std). float16/bfloat16: no further from the
+    reference than PyTorch's own rounding of it to that dtype, plus the float32 error (which
+    can push a value near a rounding midpoint to the other neighbour).
+    """
+    assert out.shape == ref.shape
+    assert not out.isnan().any(), "unwritten (NaN) elements in the output"
+    ref = ref.to(out.device)
+    err = (out.double() - ref).abs()
+    tol = 2 * f32_tolerance(std) * (1 + ref.abs())
+    if out.dtype != torch.float32:
+        tol = tol + (ref.to(out.dtype).double() - ref).abs()
+    bad = err > tol
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} elements off; worst "
+                           f"{err.max().item():.3g} at {tuple(bad.nonzero()[0].tolist())}")
+
+
+def poisoned(fn, *nbytes: int):
+    """Run fn right after freeing NaN-filled buffers of the outputs' sizes, so an allocator that
+    hands the memory back (CUDA's caching allocator does) exposes unwritten elements as NaN."""
+    bufs = [torch.full((max(b // 4, 1),), float("nan")) for b in nbytes]
+    del bufs
+    return fn()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_fovea_context_matches_reference(device: str, shape: tuple[int, ...],
+                                         dtype: torch.dtype) -> None:
+    n, t, h, w, s = shape
+    clips = make_clips(n, t, h, w, seed=sum(shape), device=device)
+    offsets = random_offsets(n, h, w, s, seed=n + t)
+    flip = torch.arange(n) % 2 == 1
+    nbytes = n * 3 * t * s * s * dtype.itemsize
+    fovea, context = poisoned(lambda: fovea_context(
+        clips, s, offsets=offsets.to(device), flip=flip.to(device), mean=MEAN, std=STD,
+        dtype=dtype), nbytes, nbytes)
+    ref_fovea, ref_context = reference.fovea_context(clips.cpu(), s, offsets=offsets, flip=flip,
+                                                     mean=MEAN, std=STD)
+    assert fovea.dtype == dtype and context.dtype == dtype
+    assert fovea.device.type == device and context.device.type == device
+    assert_matches(fovea, ref_fovea)
+    assert_matches(context, ref_context)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 200, 200, 170), (3, 1, 31, 43, 19), (1, 3, 9, 5, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_crop_normalize_matches_reference(device: str, shape: tuple[int, ...],
+                                          dtype: torch.dtype) -> None:
+    n, t, h, w, s = shape
+    clips = make_clips(n, t, h, w, seed=7, device=device)
+    offsets = random_offsets(n, h, w, s, seed=3)
+    flip = torch.arange(n) % 2 == 0
+    out = poisoned(lambda: crop_normalize(clips, s, offsets=offsets.to(device),
+                                          flip=flip.to(device), mean=MEAN, std=STD, dtype=dtype),
+                   n * 3 * t * s * s * dtype.itemsize)
+    ref = reference.crop_normalize(clips.cpu(), s, offsets=offsets, flip=flip, mean=MEAN, std=STD)
+    assert_matches(out, ref)
+
+
+def test_defaults_are_paper_centre_crops(device: str) -> None:
+    clips = make_clips(2, 2, 178, 178, seed=11, device=device)
+    fovea, context = fovea_context(clips)
+    assert fovea.shape == context.shape == (2, 3, 2, 89, 89)
+    # Centre fovea: rows and columns 44..132 of the frame.
+    expected = (clips[:, :, 44:133, 44:133].permute(0, 4, 1, 2, 3).double() - 117.0) / 64.0
+    assert torch.equal(fovea.double(), expected)
+    # Exact 2x2 means (sums of four bytes / 4 are exact in float32).
+    blocks = clips.double().reshape(2, 2, 89, 2, 89, 2, 3).mean(dim=(3, 5))
+    assert torch.equal(context.double(), ((blocks - 117.0) / 64.0).permute(0, 4, 1, 2, 3))
+    crop = crop_normalize(make_clips(1, 1, 200, 200, device=device))
+    assert crop.shape == (1, 3, 1, 170, 170)
+    ref = reference.crop_normalize(make_clips(1, 1, 200, 200), 170, offsets=(15, 15))
+    assert_matches(crop, ref, std=(64.0,) * 3)
+
+
+def test_paper_preprocessing_without_scaling(device: str) -> None:
+    """std=1 is the paper's exact recipe (subtract 117); outputs are then in byte units."""
+    clips = make_clips(1, 2, 50, 50, seed=5, device=device)
+    fovea, context = fovea_context(clips, 25, std=1.0)
+    ref_fovea, ref_context = reference.fovea_context(clips.cpu(), 25, std=1.0)
+    assert_matches(fovea, ref_fovea, std=(1.0,) * 3)
+    assert_matches(context, ref_context, std=(1.0,) * 3)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_flip_mirrors_both_streams(device: str, dtype: torch.dtype) -> None:
+    clips = make_clips(3, 2, 41, 37, seed=2, device=device)
+    offsets = random_offsets(3, 41, 37, 15, seed=4).to(device)
+    kw = dict(offsets=offsets, mean=MEAN, std=STD, dtype=dtype)
+    plain = fovea_context(clips, 15, flip=False, **kw)
+    flipped = fovea_context(clips, 15, flip=True, **kw)
+    for a, b in zip(plain, flipped, strict=True):
+        assert torch.equal(a.flip(-1), b)
+    mixed = fovea_context(clips, 15, flip=torch.tensor([True, False, True], device=device), **kw)
+    for a, b, m in zip(plain, flipped, mixed, strict=True):
+        assert torch.equal(m[0], b[0]) and torch.equal(m[1], a[1]) and torch.equal(m[2], b[2])
+
+
+def test_crop_normalize_is_the_fovea_path(device: str) -> None:
+    clips = make_clips(2, 3, 64, 80, seed=9, device=device)
+    offsets = random_offsets(2, 64, 80, 32).to(device)
+    flip = torch.tensor([False, True], device=device)
+    for dtype in FLOAT_DTYPES:
+        fovea, _ = fovea_context(clips, 32, offsets=offsets, flip=flip, dtype=dtype)
+        crop = crop_normalize(clips, 32, offsets=offsets, flip=flip, dtype=dtype)
+        assert torch.equal(fovea, crop)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_channels_last_3d(device: str, dtype: torch.dtype) -> None:
+    clips = make_clips(2, 3, 46, 52, seed=6, device=device)
+    kw = dict(offsets=(3, 10), flip=torch.tensor([True, False], device=device), mean=MEAN,
+              std=STD, dtype=dtype)
+    plain = fovea_context(clips, 23, **kw)
+    last = fovea_context(clips, 23, memory_format=torch.channels_last_3d, **kw)
+    crop = crop_normalize(clips, 23, memory_format=torch.channels_last_3d, **kw)
+    expected_strides = torch.empty((2, 3, 3, 23, 23), memory_format=torch.channels_last_3d).stride()
+    for a, b in zip(plain, last, strict=True):
+        assert a.is_contiguous()
+        assert b.stride() == expected_strides
+        assert torch.equal(a, b)
+    assert crop.stride() == expected_strides and torch.equal(crop, plain[0])
+
+
+def test_unbatched_clip(device: str) -> None:
+    clips = make_clips(1, 4, 30, 30, seed=8, device=device)
+    fovea, context = fovea_context(clips[0], 15, offsets=(2, 5), flip=True)
+    bf, bc = fovea_context(clips, 15, offsets=(2, 5), flip=True)
+    assert fovea.shape == (3, 4, 15, 15)
+    assert torch.equal(fovea, bf[0]) and torch.equal(context, bc[0])
+    crop = crop_normalize(clips[0], 15, offsets=(2, 5), flip=True)
+    assert torch.equal(crop, bf[0])
+    ref = reference.crop_normalize(clips[0].cpu(), 15, offsets=(2, 5), flip=True)
+    assert_matches(crop, ref, std=(64.0,) * 3)
+
+
+@pytest.mark.parametrize("n,t", [(0, 3), (2, 0)])
+def test_empty_batch_or_clip(device: str, n: int, t: int) -> None:
+    clips = make_clips(n, t, 20, 20, device=device)
+    fovea, context = fovea_context(clips, 10, memory_format=torch.channels_last_3d)
+    assert fovea.shape == context.shape == (n, 3, t, 10, 10)
+    assert crop_normalize(clips, 10, offsets=torch.zeros(n, 2, dtype=torch.int64,
+                                                         device=device)).shape == (n, 3, t, 10, 10)
+
+
+def test_offsets_forms_agree(device: str) -> None:
+    clips = make_clips(2, 1, 30, 40, seed=3, device=device)
+    a = crop_normalize(clips, 20, offsets=(5, 7))
+    b = crop_normalize(clips, 20, offsets=torch.tensor([5, 7], device=device))
+    c = crop_normalize(clips, 20, offsets=torch.tensor([[5, 7], [5, 7]], dtype=torch.int32,
+                                                       device=device))
+    assert torch.equal(a, b) and torch.equal(a, c)
+    centre = crop_normalize(clips, 20)
+    assert torch.equal(centre, crop_normalize(clips, 20, offsets=(5, 10)))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_bitwise() -> None:
+    """Both kernels round the same float32 steps, so CUDA and CPU agree exactly."""
+    for n, t, h, w, s in [(4, 3, 178, 178, 89), (2, 2, 200, 200, 170), (2, 1, 1000, 900, 40),
+                          (3, 2, 37, 53, 17)]:
+        clips = make_clips(n, t, h, w, seed=h)
+        offsets = random_offsets(n, h, w, s)
+        flip = torch.arange(n) % 2 == 0
+        for dtype in FLOAT_DTYPES:
+            for fmt in (torch.contiguous_format, torch.channels_last_3d):
+                kw = dict(offsets=offsets, flip=flip, mean=MEAN, std=STD, dtype=dtype,
+                          memory_format=fmt)
+                cpu = fovea_context(clips, s, **kw)
+                kw.update(offsets=offsets.cuda(), flip=flip.cuda())
+                gpu = fovea_context(clips.cuda(), s, **kw)
+                for a, b in zip(cpu, gpu, strict=True):
+                    assert b.stride() == a.stride()
+                    assert torch.equal(a, b.cpu())
+                crop = crop_normalize(clips.cuda(), s, **kw)
+                assert torch.equal(crop.cpu(), cpu[0])
+
+
+@pytest.mark.cuda
+def test_cuda_misaligned_input() -> None:
+    """A clip tensor at an odd byte offset (a view into a larger buffer) still reads right."""
+    base = make_clips(1, 1, 1, 178 * 178 * 3 * 2 * 2 + 7, device="cuda").flatten()
+    clips = base[5:5 + 2 * 2 * 178 * 178 * 3].view(2, 2, 178, 178, 3)
+    fovea, context = fovea_context(clips, 89)
+    ref_fovea, ref_context = reference.fovea_context(clips.cpu(), 89)
+    assert_matches(fovea, ref_fovea, std=(64.0,) * 3)
+    assert_matches(context, ref_context, std=(64.0,) * 3)
+
+
+@pytest.mark.parametrize("op", ["fovea_context", "crop_normalize"])
+def test_opcheck(device: str, op: str) -> None:
+    clips = make_clips(2, 2, 19, 23, seed=1, device=device)
+    offsets = random_offsets(2, 19, 23, 11).to(device)
+    flip = torch.tensor([True, False], device=device)
+    overload = getattr(torch.ops.vidconv, op).default
+    for dtype, channels_last in [(torch.float32, False), (torch.bfloat16, True)]:
+        torch.library.opcheck(overload, (clips, 11, offsets, flip, list(MEAN), list(STD), dtype,
+                                         channels_last))
+
+
+@pytest.mark.parametrize("op", [fovea_context, crop_normalize], ids=lambda f: f.__name__)
+def test_torch_compile_fullgraph(device: str, op) -> None:
+    clips = make_clips(2, 2, 26, 26, seed=4, device=device)
+    offsets = random_offsets(2, 26, 26, 13).to(device)
+    flip = torch.tensor([False, True], device=device)
+
+    def fn(c: torch.Tensor, o: torch.Tensor, f: torch.Tensor):
+        return op(c, 13, offsets=o, flip=f, dtype=torch.float16,
+                  memory_format=torch.channels_last_3d)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    eager, traced = fn(clips, offsets, flip), compiled(clips, offsets, flip)
+    for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (eager, traced)),
+                    strict=True):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+
+
+# ---- bad input: a ValueError/TypeError that names the argument -------------------------------
+
+CLIPS = make_clips(2, 2, 20, 24)
+
+
+@pytest.mark.parametrize("op", [fovea_context, crop_normalize], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((CLIPS.float(), 10), {}, TypeError, "clips must have dtype torch.uint8, got torch.float32"),
+    ((CLIPS[0, 0], 10), {}, ValueError, r"clips must have 4 or 5 dimensions.*\(20, 24, 3\)"),
+    ((torch.zeros(2, 2, 20, 24, 4, dtype=torch.uint8), 10), {}, ValueError,
+     "clips must have 3 channels.*got 4"),
+    ((CLIPS.transpose(2, 3), 10), {}, ValueError, "clips must be contiguous"),
+    (([[1]], 10), {}, TypeError, "clips must be a torch.Tensor, got list"),
+    ((CLIPS, 21), {}, ValueError, r"frames must be at least size x size = 21x21, got 20x24"),
+    ((CLIPS, 0), {}, ValueError, "size must be a positive int, got 0"),
+    ((CLIPS, 10), {"offsets": (11, 0)}, ValueError, r"offsets out of range.*0 <= y <= 10"),
+    ((CLIPS, 10), {"offsets": (0, -1)}, ValueError, r"offsets out of range.*got \(0, -1\)"),
+    ((CLIPS, 10), {"offsets": torch.tensor([[0, 0], [3, 15]])}, ValueError,
+     r"offsets out of range.*max x 15"),
+    ((CLIPS, 10), {"offsets": torch.zeros(3, 2, dtype=torch.int64)}, ValueError,
+     r"offsets must have shape \(2, 2\).*got \(3, 2\)"),
+    ((CLIPS, 10), {"offsets": torch.zeros(2, 2)}, TypeError,
+     "offsets must be an integer tensor, got torch.float32"),
+    ((CLIPS, 10), {"offsets": (1, 2, 3)}, ValueError, r"offsets must be \(y, x\)"),
+    ((CLIPS, 10), {"offsets": torch.zeros(2, 2, dtype=torch.int64, device="meta")}, ValueError,
+     "offsets is on meta but clips is on cpu"),
+    ((CLIPS, 10), {"flip": torch.zeros(2, dtype=torch.bool, device="meta")}, ValueError,
+     "flip is on meta but clips is on cpu"),
+    ((CLIPS, 10), {"flip": torch.zeros(2)}, TypeError, "flip must be a bool tensor"),
+    ((CLIPS, 10), {"flip": torch.zeros(3, dtype=torch.bool)}, ValueError,
+     r"flip must have shape \(2,\)"),
+    ((CLIPS, 10), {"mean": (1.0, 2.0)}, ValueError, "mean must be one float or 3 floats, got 2"),
+    ((CLIPS, 10), {"std": (1.0, 0.0, 1.0)}, ValueError, "std must be non-zero"),
+    ((CLIPS, 10), {"dtype": torch.float64}, TypeError, "dtype must be one of.*got torch.float64"),
+    ((CLIPS, 10), {"memory_format": torch.channels_last}, ValueError,
+     "memory_format must be torch.contiguous_format or torch.channels_last_3d"),
+])
+def test_bad_input_names_the_argument(op, args, kwargs, error, match) -> None:
+    with pytest.raises(error, match=match):
+        op(*args, **kwargs)
+
+
+def test_kernel_rechecks_direct_calls() -> None:
+    """torch.ops.vidconv.* skip the Python checks; the C++ kernel still refuses bad input."""
+    off = torch.tensor([[0, 0], [0, 15]])
+    flip = torch.zeros(2, dtype=torch.bool)
+    m = [0.0, 0.0, 0.0]
+    s = [1.0, 1.0, 1.0]
+    with pytest.raises(RuntimeError, match=r"offsets\[1\] = \(0, 15\) out of range"):
+        torch.ops.vidconv.fovea_context(CLIPS, 10, off, flip, m, s, torch.float32, False)
+    with pytest.raises(RuntimeError, match="offsets must be contiguous int64"):
+        torch.ops.vidconv.crop_normalize(CLIPS, 10, off.int(), flip, m, s, torch.float32, False)
+    with pytest.raises(RuntimeError, match="clips must be uint8"):
+        torch.ops.vidconv.crop_normalize(CLIPS.float(), 10, off, flip, m, s, torch.float32, False)
+    with pytest.raises(RuntimeError, match="dtype must be float32, float16 or bfloat16"):
+        torch.ops.vidconv.crop_normalize(CLIPS, 10, off * 0, flip, m, s, torch.float64, False)
+
+
+def test_public_api() -> None:
+    assert vidconv.ops.DEFAULT_MEAN == (117.0,) * 3
+    assert vidconv.ops.fovea_context is fovea_context
+    assert "fovea" in (fovea_context.__doc__ or "") and "crop" in (crop_normalize.__doc__ or "")
