@@ -30,7 +30,7 @@ for f in "${files[@]}"; do
        /bytes stack frame/ {stack=$0}
        /Used [0-9]+ registers/ {sub(/.*ptxas info *: */, ""); print arch "\t" fn "\t" $0 " | " stack}' "$log" \
     | while IFS=$'\t' read -r arch fn regs; do
-        name=$(echo "$fn" | c++filt | sed -E -e "s/^void //" -e "s/\([^()]*\)$//" -e 's/vidconv::cuda::(\(anonymous namespace\)::)?//g')
+        name=$(echo "$fn" | c++filt | sed -E -e "s/^void //" -e 's/vidconv::cuda::(\(anonymous namespace\)::)?//g' -e "s/\\([^()]*\\)$//")
         printf "  %-8s %-70.70s %s\n" "$arch" "$name" "${regs//ptxas info    : /}"
       done
   echo "ok  $f"
