@@ -1,0 +1,302 @@
+"""Throughput of every architecture at full resolution and multiresolution (the paper's Sec. 3.2).
+
+For each model: forward (inference) and training-step throughput in clips/s and ms/clip, on
+170x170 clips (full resolution) and on the (fovea, context) pair of 89x89 streams (multires),
+their ratio multires / full, and parameters and GMACs per clip. The paper reports the foveated
+models 2-4x faster (single frame 6 -> 21 clips/s, slow fusion 5 -> 10 clips/s per replica).
+
+On CUDA: bf16 autocast, channels_last_3d, full width, batch 32 (the paper's mini-batch), CUDA
+events, median of repeats after warm-up. On the CPU the defaults are chosen to finish in under
+two minutes on 2 cores (narrow width, small batch); the table header states them. A training
+step is forward + cross-entropy + backward + fused SGD (momentum 0.9, weight decay 5e-4, the
+paper's). "% peak" is the achieved multiply-add rate (a training step counted as 3x the forward
+MACs) over the device's measured dense-matmul rate in the same run.
+
+    python benchmarks/speed.py                      # every model, defaults for the device
+    python benchmarks/speed.py --models slow_fusion --batch-size 8 --width 1.0 --plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import vidconv  # noqa: E402
+from vidconv.models import build, list_models  # noqa: E402
+
+MODES = ("forward", "train")
+# Defaults per device type: (batch size, width, warm-up runs, timed repeats).
+DEFAULTS = {"cuda": (32, 1.0, 5, 20), "cpu": (8, 0.5, 1, 7)}
+MEMORY_FORMATS = {"channels_last_3d": torch.channels_last_3d,
+                  "contiguous": torch.contiguous_format}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="CPU defaults: batch {}, width {}, {} warm-up, {} repeats. CUDA defaults: batch "
+               "{}, width {}, {} warm-up, {} repeats.".format(*DEFAULTS["cpu"], *DEFAULTS["cuda"]),
+    )
+    p.add_argument("--models", default=",".join(list_models()),
+                   help="comma-separated model names (default: all: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="clips per batch (default: 32 on CUDA, 8 on CPU)")
+    p.add_argument("--width", type=float, default=None,
+                   help="channel/FC width multiplier (default: 1.0 on CUDA, 0.5 on CPU)")
+    p.add_argument("--memory-format", choices=list(MEMORY_FORMATS), default="channels_last_3d",
+                   help="layout of activations and weights (default: %(default)s; on 2 CPU "
+                        "cores it was also the faster one)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i] (default: auto)")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="forward and/or train (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs before timing")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (median reported)")
+    p.add_argument("--no-autocast", action="store_true",
+                   help="on CUDA, time float32 instead of bf16 autocast")
+    p.add_argument("--json", type=Path, default=None,
+                   help="JSON path (default: benchmarks/results/speed-<device>.json)")
+    p.add_argument("--plot", action="store_true",
+                   help="write a PNG bar chart of clips/s, full vs multires, to "
+                        "benchmarks/results/")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in list_models()]
+    if unknown:
+        p.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(list_models())}")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or any(m not in MODES for m in args.modes):
+        p.error(f"--modes must be a subset of {','.join(MODES)}, got {args.modes}")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.width is not None and not args.width > 0:
+        p.error(f"--width must be > 0, got {args.width}")
+    return args
+
+
+def make_inputs(model, batch: int, device: torch.device,
+                memory_format: torch.memory_format) -> Any:
+    """Random normalised inputs in the form the loader hands the model."""
+    t, s = model.spec.frames, model.spec.size
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def clip() -> torch.Tensor:
+        x = torch.randn(batch, 3, t, s, s, device=device, generator=g)
+        return x.contiguous(memory_format=memory_format)
+
+    return (clip(), clip()) if model.multires else clip()
+
+
+class Case:
+    """One model at one resolution: its inputs, and the step functions that are timed."""
+
+    def __init__(self, name: str, multires: bool, args: argparse.Namespace,
+                 device: torch.device, batch: int, width: float) -> None:
+        memory_format = MEMORY_FORMATS[args.memory_format]
+        torch.manual_seed(0)
+        self.batch = batch
+        self.model = build(name, multires=multires, width=width).to(
+            device, memory_format=memory_format)
+        self.x = make_inputs(self.model, batch, device, memory_format)
+        self.labels = torch.randint(0, self.model.num_classes, (batch,), device=device)
+        self.autocast = device.type == "cuda" and not args.no_autocast
+        # fused: one pass over parameters, gradients and momentum (the step is memory-bound).
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9,
+                                   weight_decay=5e-4, fused=True)
+        spec, cost = self.model.spec, self.model.complexity()
+        side = f"{spec.frames}x{spec.size}x{spec.size}"
+        self.row: dict[str, Any] = {
+            "model": name, "resolution": "multires" if multires else "full",
+            "input": f"2 x {side}" if multires else side,
+            "params": cost["params"], "gmacs_per_clip": cost["macs"] / 1e9,
+        }
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self) -> None:
+        with torch.inference_mode(), self._autocast():
+            self.model(self.x)
+
+    def train(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = F.cross_entropy(self.model(self.x), self.labels)
+        loss.backward()
+        self.opt.step()
+
+    def step(self, mode: str) -> Callable[[], None]:
+        self.model.train(mode == "train")
+        return self.forward if mode == "forward" else self.train
+
+
+def measure_mode(cases: list[Case], mode: str, device: torch.device, warmup: int,
+                 repeats: int, peak_macs_s: float) -> None:
+    """Time `mode` for every case, interleaving the cases repeat by repeat.
+
+    Interleaving makes full-res and multires runs see the same machine conditions (a shared
+    CPU's load drifts over seconds), so their ratio stays meaningful even when the absolute
+    numbers wander.
+    """
+    steps = [case.step(mode) for case in cases]
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    _common.synchronize(device)
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(repeats):
+        for step, ts in zip(steps, times, strict=True):
+            ts.append(_common.time_fn(step, device, warmup=0, repeats=1)["median_ms"])
+    for case, ts in zip(cases, times, strict=True):
+        median = statistics.median(ts)
+        case.row[f"{mode}_ms_per_clip"] = median / case.batch
+        case.row[f"{mode}_clips_s"] = 1e3 * case.batch / median
+        macs = case.row["gmacs_per_clip"] * 1e9 * (3 if mode == "train" else 1)
+        case.row[f"{mode}_pct_peak"] = 100 * macs * case.row[f"{mode}_clips_s"] / peak_macs_s
+        case.row[f"{mode}_timing"] = {"median_ms": median, "min_ms": min(ts), "max_ms": max(ts),
+                                      "repeats": repeats, "batch": case.batch}
+
+
+def summarise(rows: list[dict[str, Any]], models: list[str], modes: list[str]
+              ) -> list[dict[str, Any]]:
+    """One row per model: full and multires side by side, with multires / full ratios."""
+    out = []
+    for name in models:
+        full = next(r for r in rows if r["model"] == name and r["resolution"] == "full")
+        mr = next(r for r in rows if r["model"] == name and r["resolution"] == "multires")
+        s: dict[str, Any] = {
+            "model": name,
+            "GMACs full": full["gmacs_per_clip"], "GMACs mr": mr["gmacs_per_clip"],
+            "MAC ratio": full["gmacs_per_clip"] / mr["gmacs_per_clip"],
+        }
+        for mode in modes:
+            key = f"{mode}_clips_s"
+            s[f"{mode} full clips/s"] = full[key]
+            s[f"{mode} mr clips/s"] = mr[key]
+            s[f"{mode} ratio"] = mr[key] / full[key]
+            # Best-of-repeats ratio: robust to other jobs on a shared machine.
+            s[f"{mode} ratio (best)"] = (full[f"{mode}_timing"]["min_ms"]
+                                         / mr[f"{mode}_timing"]["min_ms"])
+        out.append(s)
+    return out
+
+
+def plot(rows: list[dict[str, Any]], models: list[str], modes: list[str], title: str,
+         path: Path) -> Path:
+    """Bars of clips/s per model, full vs multires, one panel per mode; ratio over each pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.6), squeeze=False)
+    xs = list(range(len(models)))
+    for ax, mode in zip(axes[0], modes, strict=True):
+        values = {}
+        for i, (res, color) in enumerate((("full", "#4c72b0"), ("multires", "#dd8452"))):
+            values[res] = [next(r for r in rows if r["model"] == m and r["resolution"] == res)
+                           [f"{mode}_clips_s"] for m in models]
+            bars = ax.bar([x + (i - 0.5) * 0.38 for x in xs], values[res], 0.38,
+                          label="full 170x170" if res == "full" else "multires 2 x 89x89",
+                          color=color)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        top = max(max(values["full"]), max(values["multires"]))
+        for x, f, m in zip(xs, values["full"], values["multires"], strict=True):
+            ax.text(x, max(f, m) + 0.08 * top, f"{m / f:.2f}x", ha="center", fontsize=8,
+                    weight="bold")
+        ax.set_ylim(0, 1.25 * top)
+        ax.set_xticks(xs, [m.replace("_", "\n") for m in models])
+        ax.set_ylabel("clips/s")
+        ax.set_title(f"{mode} ({'inference' if mode == 'forward' else 'SGD step'}); "
+                     "multires/full above bars", fontsize=9)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+                  frameon=False)
+    fig.suptitle(title.replace(" | ", "\n", 1), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = _common.resolve_device(args.device)
+    d_batch, d_width, d_warmup, d_repeats = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    batch = args.batch_size or d_batch
+    width = args.width or d_width
+    warmup = d_warmup if args.warmup is None else args.warmup
+    repeats = d_repeats if args.repeats is None else args.repeats
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    precision = ("bf16 autocast" if device.type == "cuda" and not args.no_autocast
+                 else "float32") + ", " + args.memory_format
+
+    if device.type == "cuda" and not vidconv.build_info().has_cuda_kernels:
+        conv_path = "F.conv3d (vidconv built without CUDA kernels)"
+    elif device.type == "cuda":
+        conv_path = "vidconv.ops.st_conv3d CUDA kernel"
+    else:
+        conv_path = "vidconv.ops.st_conv3d CPU path (ATen conv3d + in-place ReLU)"
+    matmul_dtype = torch.bfloat16 if "bf16" in precision else torch.float32
+    peak_tflops = _common.matmul_tflops(device, matmul_dtype)
+    peak_macs_s = peak_tflops * 1e12 / 2
+    rows = []
+    bar = _common.progress(None, total=len(args.models) * len(args.modes), desc="speed",
+                           unit="step")
+    for name in args.models:
+        cases = [Case(name, multires, args, device, batch, width) for multires in (False, True)]
+        for mode in args.modes:
+            bar.set_postfix_str(f"{name} {mode}")
+            measure_mode(cases, mode, device, warmup, repeats, peak_macs_s)
+            bar.update()
+        rows += [case.row for case in cases]
+        del cases
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+
+    summary = summarise(rows, args.models, args.modes)
+    dev = _common.device_name(device)
+    header = (f"{dev} | batch {batch}, width {width:g}, {precision}, median of {repeats} "
+              f"after {warmup} warm-up | full = 170x170 clip, mr = two 89x89 streams | "
+              f"matmul peak {peak_tflops * 1e3:.0f} GFLOP/s")
+    payload = {
+        "settings": {"models": args.models, "modes": args.modes, "batch_size": batch,
+                     "width": width, "warmup": warmup, "repeats": repeats,
+                     "precision": precision, "memory_format": args.memory_format,
+                     "conv_path": conv_path, "matmul_tflops": peak_tflops,
+                     "matmul_dtype": str(matmul_dtype)},
+        "rows": rows, "summary": summary,
+    }
+    path = _common.write_json("speed", payload, args.json, device=device)
+    if args.plot:
+        png = plot(rows, args.models, args.modes, header,
+                   _common.RESULTS_DIR / f"speed-{_common.device_slug(device)}.png")
+        print(f"plot: {png}", file=sys.stderr)
+    print(f"json: {path}", file=sys.stderr)
+
+    detail_cols = ["model", "resolution", "input", "params", "gmacs_per_clip"]
+    for mode in args.modes:
+        detail_cols += [f"{mode}_clips_s", f"{mode}_ms_per_clip", f"{mode}_pct_peak"]
+    _common.print_table(rows, detail_cols, title=header)
+    print()
+    _common.print_table(summary, title=f"multires / full ({dev}; target >= 2x, paper 2-4x)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
