@@ -1,0 +1,522 @@
+"""Clips ready for the models: sampling, decoding, preprocessing, sharding, bad-file handling.
+
+:class:`ClipLoader` turns a source (:func:`vidconv.data.open_source`) and a model's
+:class:`~vidconv.clip.ClipSpec` into batches of normalised model input.
+
+Sampling rules
+    - Train (``train=True``): an epoch visits every usable video of this shard exactly once,
+      in an order shuffled per epoch, one clip per video (``clips_per_video`` and ``views`` are
+      for evaluation only). Each clip has a uniformly random start in ``[0, frames - span]``,
+      a random ``size`` x ``size`` crop offset and a left-right flip with p = 0.5, the same for
+      all its frames. For multiresolution specs the fovea stays centred (the paper's fovea is
+      the frame's centre) and only the flip is random.
+    - Eval (``train=False``): ``clips_per_video`` clips per video whose starts are evenly
+      spaced over ``[0, frames - span]`` (both ends included; one clip sits in the middle),
+      each expanded into ``views`` views taken in this order from :data:`VIEWS`: centre,
+      centre flipped, top-left, bottom-right flipped, top-right, bottom-left flipped, then the
+      same four corners with the other flip (1 to 10 views; 4 = centre, centre flipped and two
+      opposite corners of opposite flips). Multires specs keep the fovea centred, so their
+      views differ by flip only. Videos come in source order, each video's clips and views
+      together (clip-major, then view).
+    - Randomness comes only from ``(seed, epoch, shard)``: a NumPy generator seeded with
+      ``(seed, epoch)`` draws every video's clip parameters before sharding, so iteration is
+      independent of the global torch / NumPy RNG, and re-iterating an epoch repeats it.
+    - Sharding: train shards split each epoch's shuffled order round-robin
+      (``order[shard_id::num_shards]``), eval shards split the videos the same way (all clips
+      of a video in one shard); the parts are disjoint and cover every usable video.
+      ``shard_id`` / ``num_shards`` default to torch.distributed's rank and world size when a
+      process group is initialised.
+    - Batches hold ``batch_size`` clips, the last one of an epoch fewer (nothing is dropped).
+
+Bad files
+    Every file is probed at construction (container, stream, frame timestamps, first frame).
+    A file that cannot be read, or has fewer frames than the clip spans, is skipped with one
+    :class:`BadVideoWarning` naming it and recorded in :attr:`ClipLoader.report`; a file that
+    fails later while decoding (a stream damaged past its first frame) is skipped from then on
+    the same way, and its clips are left out of their batch (that batch is smaller; a batch
+    left with no clip is not yielded). Without the cache only the frames a clip needs are
+    decoded, so a clip in the undamaged part of such a file still loads. With
+    ``strict=True`` the first bad file raises :class:`~vidconv.data.decode.DecodeError` naming
+    it instead.
+
+Decoding and caching
+    Frames are decoded, turned to display orientation, centre-cropped to a square and resized
+    to ``spec.frame_size`` (200 full-res, 178 multires), then cropped / normalised by
+    :func:`vidconv.ops.crop_normalize` or :func:`vidconv.ops.fovea_context` on ``device``.
+    When every usable video of this loader fits in ``cache_bytes`` as resized uint8 frames,
+    each video is decoded once, whole, and kept in memory for the loader's life (small
+    datasets train for many epochs); otherwise only the frames a batch needs are decoded
+    (from the start, or after a seek to the keyframe before the first needed frame when that
+    frame is 96 or more frames in). Frames are indexed in presentation (timestamp) order.
+
+Backends
+    "auto" chooses per file from the probed codec and logs the count per backend once (in
+    the start-up summary, logger ``vidconv.data``); :attr:`LoaderReport.backends` has it too.
+    DALI (:mod:`vidconv.data.dali`) and PyAV decode the same YUV but convert to RGB and
+    resize with different rounding: a few grey levels apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import warnings
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vidconv.clip import ClipSpec
+from vidconv.data.decode import DecodeError, VideoInfo, decode_frames, probe
+from vidconv.data.sources import open_source
+
+log = logging.getLogger("vidconv.data")
+
+BACKENDS = ("auto", "pyav", "dali")
+DEFAULT_CACHE_BYTES = 1 << 30
+
+# (corner, flip) per eval view; see the module docstring.
+VIEWS: tuple[tuple[str, bool], ...] = (
+    ("centre", False), ("centre", True), ("top-left", False), ("bottom-right", True),
+    ("top-right", False), ("bottom-left", True), ("top-left", True), ("bottom-right", False),
+    ("top-right", True), ("bottom-left", False),
+)
+
+
+class BadVideoWarning(UserWarning):
+    """A video file was skipped (unreadable, damaged, or shorter than the clip)."""
+
+
+@dataclass
+class SkippedVideo:
+    """One skipped file: its index in ``source.videos``, its path, why, and when it was found
+    ("probe" at construction or "decode" while iterating)."""
+
+    index: int
+    path: str
+    reason: str
+    stage: str
+
+
+@dataclass
+class LoaderReport:
+    """What the loader found: dataset size per class, skipped files and decoding backends."""
+
+    num_videos: int = 0
+    num_usable: int = 0
+    num_skipped: int = 0
+    skipped: list[SkippedVideo] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    videos_per_class: dict[str, int] = field(default_factory=dict)
+    backends: dict[str, int] = field(default_factory=dict)
+    cached: bool = False
+
+    def summary(self) -> str:
+        """A few lines for logs: sizes, classes, backends and every skipped file."""
+        lines = [f"{self.num_videos} videos in {len(self.classes)} classes, {self.num_usable} "
+                 f"usable, {self.num_skipped} skipped; backends "
+                 + ", ".join(f"{k}: {v}" for k, v in sorted(self.backends.items()))]
+        per_class = ", ".join(f"{k}: {v}" for k, v in self.videos_per_class.items())
+        lines.append(f"videos per class: {per_class}")
+        lines += [f"skipped {s.path}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+@dataclass
+class Batch:
+    """Model input, labels (int64 (N,)) and each clip's index into ``source.videos``."""
+
+    inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    labels: torch.Tensor
+    video_index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Item:
+    video: int
+    start: int
+    flip: bool
+    offset: tuple[int, int]
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _shards(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
+    if shard_id is None and num_shards is None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if shard_id is None or num_shards is None:
+        raise ValueError(f"shard_id and num_shards go together, got shard_id={shard_id!r}, "
+                         f"num_shards={num_shards!r}")
+    _positive_int("num_shards", num_shards)
+    if isinstance(shard_id, bool) or not isinstance(shard_id, int) \
+            or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be an int in [0, {num_shards}), got {shard_id!r}")
+    return shard_id, num_shards
+
+
+def _view_offset(corner: str, free: int) -> tuple[int, int]:
+    centre = free // 2
+    return {"centre": (centre, centre), "top-left": (0, 0), "top-right": (0, free),
+            "bottom-left": (free, 0), "bottom-right": (free, free)}[corner]
+
+
+class ClipLoader:
+    """Batches of clips from a video source, ready for a model with clip spec ``spec``.
+
+    Args:
+        source: a source from :func:`vidconv.data.open_source` (or a path it accepts).
+        spec: the model's clip spec (frame offsets, input size, multires, stream, frame size).
+        batch_size: clips per batch.
+        train: random clips, crops and flips (True) or evenly spaced clips and fixed views.
+        clips_per_video: eval clips per video (the paper: 20).
+        views: eval views per clip, 1 to 10 (see :data:`VIEWS`; the paper: 4).
+        device: where batches are made (decoded frames go there, preprocessing runs there).
+        backend: "auto" (per file: DALI NVDEC on CUDA, DALI CPU for VP8/VP9/MJPEG on the CPU,
+            when DALI imports; PyAV otherwise), "pyav" or "dali" (DALI for every file; on the
+            CPU a codec DALI cannot decode makes that file a skipped one).
+        seed: non-negative int; with the epoch and shard, all the randomness of an epoch.
+        shard_id, num_shards: this process's part (default: torch.distributed rank / world).
+        strict: raise on the first bad file instead of skipping it.
+        num_workers: threads decoding batches ahead (0: decode in the iterating thread).
+        cache_bytes: memory for whole decoded videos (default: ``VIDCONV_CACHE_BYTES`` or
+            1 GiB); used only when all of this loader's videos fit.
+
+    Raises:
+        ValueError / TypeError: a bad argument (named); FileNotFoundError: a missing source.
+        DecodeError: ``strict`` and a file cannot be used.
+        ImportError: ``backend="dali"`` without DALI installed.
+    """
+
+    def __init__(self, source: Any, spec: ClipSpec, *, batch_size: int = 32, train: bool = True,
+                 clips_per_video: int = 20, views: int = 1, device: str | torch.device = "cpu",
+                 backend: str = "auto", seed: int = 0, shard_id: int | None = None,
+                 num_shards: int | None = None, strict: bool = False, num_workers: int = 0,
+                 cache_bytes: int | None = None) -> None:
+        if not isinstance(spec, ClipSpec):
+            raise TypeError(f"spec must be a vidconv.clip.ClipSpec, got {type(spec).__name__}")
+        if spec.size > spec.frame_size:
+            raise ValueError(f"spec.size ({spec.size}) must be <= spec.frame_size "
+                             f"({spec.frame_size})")
+        if spec.stream not in ("both", "fovea", "context"):
+            raise ValueError(f"spec.stream must be 'both', 'fovea' or 'context', got "
+                             f"{spec.stream!r}")
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.clips_per_video = _positive_int("clips_per_video", clips_per_video)
+        self.views = _positive_int("views", views)
+        if self.views > len(VIEWS):
+            raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if cache_bytes is None:
+            cache_bytes = int(os.environ.get("VIDCONV_CACHE_BYTES", DEFAULT_CACHE_BYTES))
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        self.source = open_source(source)
+        self.spec = spec
+        self.train = bool(train)
+        self.device = torch.device(device)
+        self.backend = backend
+        self.seed = seed
+        self.strict = bool(strict)
+        self.num_workers = num_workers
+        self.shard_id, self.num_shards = _shards(shard_id, num_shards)
+        self.epoch = 0
+        self._lock = threading.Lock()
+        self._dali: dict[str, Any] = {}
+
+        videos = self.source.videos
+        self.report = LoaderReport(num_videos=len(videos), classes=list(self.source.classes),
+                                   videos_per_class=_per_class(self.source))
+        self._infos: dict[int, VideoInfo] = {}
+        self._backend_of: dict[int, str] = {}
+        self._bad: set[int] = set()
+        self._probe_all()
+        self._usable = np.array(sorted(self._infos), dtype=np.int64)
+        self.report.num_usable = len(self._usable)
+        self.report.backends = dict(Counter(self._backend_of.values()))
+        self._cache: dict[int, torch.Tensor] | None = None
+        frame_bytes = spec.frame_size * spec.frame_size * 3
+        mine = self._usable if self.train else self._usable[self.shard_id::self.num_shards]
+        need = sum(self._infos[int(i)].num_frames for i in mine) * frame_bytes
+        if need <= cache_bytes:
+            self._cache = {}
+            self.report.cached = True
+        log.info("vidconv.data: %s", self.report.summary())
+
+    # ---------------------------------------------------------------------------- probing
+
+    def _probe_all(self) -> None:
+        videos = self.source.videos
+        threads = max(1, min(8, os.cpu_count() or 1, len(videos)))
+        if threads > 1:
+            with ThreadPoolExecutor(threads) as pool:
+                results = list(pool.map(_try_probe, [v.path for v in videos]))
+        else:
+            results = [_try_probe(v.path) for v in videos]
+        dali_ok = None
+        for index, result in enumerate(results):
+            if isinstance(result, DecodeError):
+                self._skip(index, result.reason, "probe")
+                continue
+            if result.num_frames < self.spec.span:
+                self._skip(index, f"has {result.num_frames} frame(s), fewer than the clip "
+                           f"spans ({self.spec.span})", "probe")
+                continue
+            if dali_ok is None:
+                dali_ok = self.backend != "pyav" and _dali_importable()
+                if self.backend == "dali" and not dali_ok:
+                    raise ImportError("backend='dali' needs NVIDIA DALI: pip install "
+                                      "nvidia-dali-cuda130 (the wheel for torch's CUDA)")
+            chosen = self._choose_backend(result.codec, bool(dali_ok))
+            if chosen is None:
+                self._skip(index, f"codec {result.codec} is not supported by DALI on "
+                           f"{self.device.type} (backend='dali')", "probe")
+                continue
+            self._infos[index] = result
+            self._backend_of[index] = chosen
+
+    def _choose_backend(self, codec: str, dali_ok: bool) -> str | None:
+        if self.backend == "pyav" or not dali_ok:
+            return "pyav"
+        from vidconv.data.dali import CPU_CODECS, GPU_CODECS
+
+        gpu = self.device.type == "cuda"
+        codecs = GPU_CODECS if gpu else CPU_CODECS
+        if codec in codecs:
+            return "dali-gpu" if gpu else "dali-cpu"
+        return None if self.backend == "dali" else "pyav"
+
+    def _skip(self, index: int, reason: str, stage: str) -> None:
+        path = str(self.source.videos[index].path)
+        if self.strict:
+            raise DecodeError(path, reason)
+        with self._lock:
+            if index in self._bad:
+                return
+            self._bad.add(index)
+            self.report.skipped.append(SkippedVideo(index, path, reason, stage))
+            self.report.num_skipped = len(self.report.skipped)
+        warnings.warn(f"vidconv.data: skipping {path}: {reason}", BadVideoWarning, stacklevel=3)
+
+    # --------------------------------------------------------------------------- sampling
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose clip order and random clip parameters iteration gives."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def _free(self) -> int:
+        return self.spec.frame_size - self.spec.size
+
+    def items(self) -> list[_Item]:
+        """This shard's clips for the current epoch, in iteration order."""
+        usable, span = self._usable, self.spec.span
+        frames = np.array([self._infos[int(i)].num_frames for i in usable], dtype=np.int64)
+        free = self._free()
+        if self.train:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+                [self.seed, self.epoch])))
+            perm = rng.permutation(len(usable))
+            starts = np.floor(rng.random(len(usable)) * (frames - span + 1)).astype(np.int64)
+            flips = rng.random(len(usable)) < 0.5
+            offs = rng.integers(0, free + 1, size=(len(usable), 2))
+            if self.spec.multires:
+                offs[:] = free // 2
+            return [_Item(int(usable[j]), int(starts[j]), bool(flips[j]),
+                          (int(offs[j, 0]), int(offs[j, 1])))
+                    for j in perm[self.shard_id::self.num_shards]]
+        out = []
+        views = VIEWS[:self.views]
+        for j in range(self.shard_id, len(usable), self.num_shards):
+            last = int(frames[j]) - span
+            for k in range(self.clips_per_video):
+                if self.clips_per_video == 1:
+                    start = last // 2
+                else:
+                    start = int(round(k * last / (self.clips_per_video - 1)))
+                for corner, flip in views:
+                    off = _view_offset("centre" if self.spec.multires else corner, free)
+                    out.append(_Item(int(usable[j]), start, flip, off))
+        return out
+
+    def _num_items(self) -> int:
+        n = len(range(self.shard_id, len(self._usable), self.num_shards))
+        return n if self.train else n * self.clips_per_video * self.views
+
+    def __len__(self) -> int:
+        """Batches per epoch on this shard (the last one may hold fewer clips)."""
+        return math.ceil(self._num_items() / self.batch_size)
+
+    # --------------------------------------------------------------------------- decoding
+
+    def _decoder(self, backend: str):
+        dec = self._dali.get(backend)
+        if dec is None:
+            from vidconv.data.dali import DaliDecoder
+
+            dev = self.device if backend == "dali-gpu" else torch.device("cpu")
+            dec = DaliDecoder(dev, threads=max(1, self.num_workers))
+            self._dali[backend] = dec
+        return dec
+
+    def _decode(self, index: int, frames: list[int] | None) -> np.ndarray | torch.Tensor:
+        """Resized uint8 frames (K, S, S, 3) of video ``index`` (all when ``frames`` is None):
+        a NumPy array on the CPU, a tensor on the device for DALI GPU."""
+        info = self._infos[index]
+        path = self.source.videos[index].path
+        backend = self._backend_of[index]
+        if backend == "pyav":
+            threads = 1 if self.num_workers > 1 or info.width * info.height < 640 * 360 else 0
+            return decode_frames(path, frames, frame_size=self.spec.frame_size, info=info,
+                                 threads=threads)
+        from vidconv.data.dali import resize_square
+
+        raw = self._decoder(backend).decode(path, frames)
+        out = resize_square(raw, self.spec.frame_size, info.rotation)
+        return out.numpy() if out.device.type == "cpu" else out
+
+    def _video_frames(self, index: int, needed: list[int]
+                      ) -> tuple[np.ndarray | torch.Tensor, dict[int, int]]:
+        """Frames ``needed`` of a video and where each index sits in the returned tensor;
+        uses (and fills) the whole-video cache when there is one."""
+        if self._cache is not None:
+            with self._lock:
+                whole = self._cache.get(index)
+            if whole is None:
+                whole = self._decode(index, None)
+                with self._lock:
+                    self._cache[index] = whole
+            return whole, {i: i for i in range(whole.shape[0])}
+        unique = sorted(set(needed))
+        got = self._decode(index, unique)
+        return got, {i: k for k, i in enumerate(unique)}
+
+    def _load(self, items: list[_Item]) -> Batch | None:
+        offsets = self.spec.frame_offsets
+        by_video: dict[int, list[int]] = {}
+        for item in items:
+            if item.video not in self._bad:
+                by_video.setdefault(item.video, []).extend(item.start + o for o in offsets)
+        decoded: dict[int, tuple[torch.Tensor, dict[int, int]]] = {}
+        for index, needed in by_video.items():
+            try:
+                decoded[index] = self._video_frames(index, needed)
+            except DecodeError as exc:
+                self._skip(index, exc.reason, "decode")
+        clips, kept = [], []
+        for item in items:
+            if item.video not in decoded:
+                continue
+            frames, where = decoded[item.video]
+            start = item.start
+            if start + self.spec.span > frames.shape[0] and self._cache is not None:
+                # The probe counted packets; fewer frames decoded (a damaged tail): shift
+                # the clip back so it ends at the last decoded frame.
+                start = frames.shape[0] - self.spec.span
+                if start < 0:
+                    self._skip(item.video, f"decoded {frames.shape[0]} frame(s), fewer than "
+                               f"the clip spans ({self.spec.span})", "decode")
+                    continue
+            rows = [where[start + o] for o in offsets]
+            clips.append(frames[rows])
+            kept.append(item)
+        if not kept:
+            return None
+        if all(isinstance(c, np.ndarray) for c in clips):
+            # Gathering in NumPy: small torch copies go through the intra-op thread pool,
+            # which costs milliseconds each on a busy machine.
+            clips_u8 = torch.from_numpy(np.stack(clips)).to(self.device)
+        else:
+            clips_u8 = torch.stack([torch.as_tensor(c).to(self.device) for c in clips])
+        off = torch.tensor([it.offset for it in kept], dtype=torch.int64, device=self.device)
+        flip = torch.tensor([it.flip for it in kept], dtype=torch.bool, device=self.device)
+        from vidconv.ops import crop_normalize, fovea_context
+
+        inputs: Any
+        if self.spec.multires:
+            fovea, context = fovea_context(clips_u8, self.spec.size, offsets=off, flip=flip)
+            inputs = {"both": (fovea, context), "fovea": fovea,
+                      "context": context}[self.spec.stream]
+        else:
+            inputs = crop_normalize(clips_u8, self.spec.size, offsets=off, flip=flip)
+        videos = self.source.videos
+        labels = torch.tensor([videos[it.video].label for it in kept], dtype=torch.int64,
+                              device=self.device)
+        index = torch.tensor([it.video for it in kept], dtype=torch.int64, device=self.device)
+        return Batch(inputs, labels, index)
+
+    def __iter__(self) -> Iterator[Batch]:
+        items = self.items()
+        chunks = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        if self.num_workers == 0:
+            for chunk in chunks:
+                batch = self._load(chunk)
+                if batch is not None:
+                    yield batch
+            return
+        # Batches are decoded ahead on worker threads (PyAV and DALI release the GIL while
+        # decoding) and handed out in order, so the result does not depend on timing.
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="vidconv-data") as pool:
+            pending: deque[Future] = deque()
+            todo = iter(chunks)
+            for chunk in todo:
+                pending.append(pool.submit(self._load, chunk))
+                if len(pending) > self.num_workers:
+                    break
+            while pending:
+                batch = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self._load, nxt))
+                if batch is not None:
+                    yield batch
+
+    def __repr__(self) -> str:
+        mode = "train" if self.train else (f"eval, {self.clips_per_video} clips x "
+                                           f"{self.views} views")
+        return (f"ClipLoader({self.source!r}, {mode}, batch_size={self.batch_size}, "
+                f"shard {self.shard_id}/{self.num_shards}, {len(self)} batches)")
+
+
+def _per_class(source: Any) -> dict[str, int]:
+    counts = Counter(v.label for v in source.videos)
+    return {name: counts.get(i, 0) for i, name in enumerate(source.classes)}
+
+
+def _try_probe(path: Path) -> VideoInfo | DecodeError:
+    try:
+        return probe(path)
+    except DecodeError as exc:
+        return exc
+
+
+_DALI_IMPORTABLE: bool | None = None
+
+
+def _dali_importable() -> bool:
+    global _DALI_IMPORTABLE
+    if _DALI_IMPORTABLE is None:
+        from vidconv.data.dali import dali_available
+
+        _DALI_IMPORTABLE = dali_available()
+    return _DALI_IMPORTABLE
