@@ -8,7 +8,9 @@
 #   bash benchmarks/gpu_check.sh OUT_DIR
 #
 # Knobs: TORCH_CUDA_ARCH_LIST (default: setup.py's "8.0;9.0a"), MAX_JOBS (default: CPU count),
-# GPU_CHECK_TIMEOUT (seconds per step, default 1800), GPU_CHECK_SKIP_BUILD=1 (reuse an install).
+# GPU_CHECK_TIMEOUT (seconds per step, default 1800), GPU_CHECK_SKIP_BUILD=1 (reuse an install),
+# DALI_WHEELS (a folder of wheels: nvidia-dali-cuda130 and its deps, installed from there when
+# DALI is missing, since a GPU machine may have no network; default ./.whl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -87,6 +89,18 @@ tee -a "$out/versions.txt" < "$out/build_info.log" > /dev/null
 
 if command -v nvcc > /dev/null; then
   step check_cuda bash tools/check_cuda.sh "$out/ptxas"
+fi
+
+# ---- DALI (GPU decode): install from local wheels when missing ------------------------------
+if ! "$py" -c "import nvidia.dali" > /dev/null 2>&1; then
+  wheels=${DALI_WHEELS:-$repo/.whl}
+  if ls "$wheels"/nvidia_dali_cuda*.whl > /dev/null 2>&1; then
+    step dali_install "$py" -m pip install --no-index --find-links "$wheels" --no-deps \
+      "$wheels"/*.whl
+  else
+    echo "== dali: not installed and no wheels in $wheels; DALI GPU tests will be skipped" |
+      tee -a "$out/summary.txt"
+  fi
 fi
 
 # ---- GPU tests -------------------------------------------------------------------------------
