@@ -14,10 +14,22 @@ at::Tensor st_conv3d_cpu(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(x.dim() == 5 && weight.dim() == 5, "st_conv3d: x and weight must be 5-D");
   TORCH_CHECK(stride.size() == 3 && padding.size() == 3,
               "st_conv3d: stride and padding must have 3 entries");
-  at::Tensor out = at::conv3d(x, weight, bias, stride, padding);
+  // ATen follows a channels_last_3d input with a channels_last_3d output; the op promises
+  // contiguous on the CPU (what the fake kernel reports, so torch.compile sees true strides).
+  at::Tensor out = at::conv3d(x, weight, bias, stride, padding).contiguous();
   if (relu) {
     out.relu_();
   }
+  return out;
+}
+
+// `grad` laid out like `like` (what empty_like(like), the fake kernel's choice, gives).
+at::Tensor strided_like(const at::Tensor& grad, const at::Tensor& like) {
+  if (grad.strides() == like.strides()) {
+    return grad;
+  }
+  at::Tensor out = at::empty_like(like);
+  out.copy_(grad);
   return out;
 }
 
@@ -33,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> st_conv3d_backward_cpu(
       /*transposed=*/false, /*output_padding=*/{0, 0, 0}, /*groups=*/1,
       output_mask);
   auto empty = [&](const at::Tensor& like) { return at::empty({0}, like.options()); };
-  return {output_mask[0] ? gx : empty(x), output_mask[1] ? gw : empty(weight),
+  return {output_mask[0] ? strided_like(gx, x) : empty(x),
+          output_mask[1] ? strided_like(gw, weight) : empty(weight),
           output_mask[2] ? gb : empty(weight)};
 }
 
