@@ -43,7 +43,13 @@ def st_conv3d(
 
     Returns:
         ``(N, K, T', H', W')`` with ``T' = (T + 2 pt - kt) // st + 1`` (likewise H', W'), in
-        ``x``'s dtype; on CUDA in ``channels_last_3d`` memory. Differentiable in x, weight, bias.
+        ``x``'s dtype; on CUDA in ``channels_last_3d`` memory, on the CPU contiguous.
+        Differentiable in x, weight, bias.
+
+    On CUDA the forward is the hand-written implicit-GEMM kernel (csrc/cuda/st_conv3d_kernel.cu:
+    tensor cores for float16/bfloat16, FFMA for float32; float64 falls back to ATen). The
+    backward is not hand-written yet: it applies the ReLU mask and calls ATen's
+    ``convolution_backward`` (cuDNN on CUDA). On the CPU both directions are ATen.
     """
     expect_tensor("x", x)
     expect_tensor("weight", weight)

@@ -1,0 +1,207 @@
+// ATen glue of st_conv3d on CUDA: checks, device guard, current stream, the one-time conversion
+// of x to NTHWC (channels_last_3d) and the weight repack to (K, kt, kh, kw, C), one launch of
+// the runtime-only implicit-GEMM kernel in st_conv3d_kernel.cu, launch check.
+//
+// Backward is NOT hand-written yet: it applies the ReLU mask and calls ATen's
+// convolution_backward (cuDNN on CUDA), as issue 4 allows for a first step. float64 forward
+// also goes to ATen (no fused float64 kernel; it keeps gradcheck usable on CUDA).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "cuda/st_conv3d_kernel.h"
+
+namespace vidconv {
+namespace {
+
+int64_t out_size(int64_t size, int64_t k, int64_t s, int64_t p) { return (size + 2 * p - k) / s + 1; }
+
+// Python validates with full messages (vidconv/ops/st_conv.py); these cheap re-checks keep a
+// direct torch.ops call from reaching the kernel with something it cannot read.
+void check_inputs(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                  at::IntArrayRef padding) {
+  TORCH_CHECK(x.is_cuda() && weight.is_cuda(), "st_conv3d: x and weight must be CUDA tensors");
+  TORCH_CHECK(x.dim() == 5, "st_conv3d: x must be (N, C, T, H, W), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 5, "st_conv3d: weight must be (K, C, kt, kh, kw), got shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(1), "st_conv3d: weight has ", weight.size(1),
+              " input channels but x has ", x.size(1));
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "st_conv3d: weight must have x's dtype ",
+              x.scalar_type(), ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), "st_conv3d: weight must be on x's device");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->device() == x.device() && bias->dim() == 1 &&
+                    bias->size(0) == weight.size(0),
+                "st_conv3d: bias must be (", weight.size(0), ",) on x's device, got ",
+                bias->sizes(), " on ", bias->device());
+  }
+  TORCH_CHECK(stride.size() == 3 && padding.size() == 3,
+              "st_conv3d: stride and padding must have 3 entries");
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(stride[i] >= 1 && padding[i] >= 0, "st_conv3d: need stride >= 1, padding >= 0");
+    TORCH_CHECK(out_size(x.size(2 + i), weight.size(2 + i), stride[i], padding[i]) >= 1,
+                "st_conv3d: kernel ", weight.sizes(), " does not fit x ", x.sizes(),
+                " with padding ", padding);
+  }
+}
+
+// cp.async reads 16-byte vectors: a view at an odd storage offset is copied to a fresh
+// (allocator-aligned) buffer.
+at::Tensor aligned16(at::Tensor v) {
+  if (reinterpret_cast<uintptr_t>(v.data_ptr()) % 16 != 0) {
+    v = v.clone(at::MemoryFormat::Contiguous);
+  }
+  return v;
+}
+
+// x as a contiguous (N, T, H, W, Cp) view or copy, Cp = C rounded up to `mult` (zero channels).
+// A channels_last_3d input is read in place; a contiguous (NCDHW) one is converted once.
+at::Tensor input_nthwc(const at::Tensor& x, int64_t cp) {
+  const int64_t c = x.size(1);
+  if (cp == c) {
+    return aligned16(x.contiguous(at::MemoryFormat::ChannelsLast3d).permute({0, 2, 3, 4, 1}));
+  }
+  at::Tensor padded = at::zeros({x.size(0), x.size(2), x.size(3), x.size(4), cp}, x.options());
+  padded.narrow(4, 0, c).copy_(x.permute({0, 2, 3, 4, 1}));
+  return padded;
+}
+
+// weight (K, C, kt, kh, kw) -> contiguous (K, kt, kh, kw, Cp), the reduction order of the kernel.
+at::Tensor weight_repacked(const at::Tensor& weight, int64_t cp) {
+  const int64_t c = weight.size(1);
+  if (cp == c) {
+    return aligned16(weight.permute({0, 2, 3, 4, 1}).contiguous());
+  }
+  at::Tensor padded = at::zeros(
+      {weight.size(0), weight.size(2), weight.size(3), weight.size(4), cp}, weight.options());
+  padded.narrow(4, 0, c).copy_(weight.permute({0, 2, 3, 4, 1}));
+  return padded;
+}
+
+at::Tensor st_conv3d_cuda(const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                          at::IntArrayRef padding, bool relu) {
+  check_inputs(x, weight, bias, stride, padding);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType dtype = x.scalar_type();
+  if (dtype == at::kDouble) {
+    // float64 has no tensor-core or fused path: ATen's conv3d keeps the op usable (gradcheck).
+    at::Tensor out = at::conv3d(x, weight, bias, stride, padding)
+                         .contiguous(at::MemoryFormat::ChannelsLast3d);
+    return relu ? out.relu_() : out;
+  }
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "st_conv3d: x must be float32, float16, bfloat16 or float64, got ", dtype);
+
+  const int64_t n = x.size(0), c = x.size(1), t = x.size(2), h = x.size(3), w = x.size(4);
+  const int64_t k = weight.size(0), kt = weight.size(2), kh = weight.size(3), kw = weight.size(4);
+  const int64_t to = out_size(t, kt, stride[0], padding[0]);
+  const int64_t ho = out_size(h, kh, stride[1], padding[1]);
+  const int64_t wo = out_size(w, kw, stride[2], padding[2]);
+  at::Tensor out = at::empty({n, k, to, ho, wo}, x.options(), at::MemoryFormat::ChannelsLast3d);
+  if (out.numel() == 0) {
+    return out;
+  }
+  if (c == 0) {
+    // An empty reduction: the output is the (activated) bias.
+    out.zero_();
+    if (bias.has_value()) {
+      out.add_(bias->view({1, k, 1, 1, 1}));
+    }
+    return relu ? out.relu_() : out;
+  }
+
+  const cuda::ConvType type = dtype == at::kFloat ? cuda::ConvType::kFloat32
+                              : dtype == at::kHalf ? cuda::ConvType::kFloat16
+                                                   : cuda::ConvType::kBFloat16;
+  const int64_t mult = cuda::channel_multiple(type);
+  const int64_t cp = (c + mult - 1) / mult * mult;
+  TORCH_CHECK(t * h * w * cp <= cuda::kMaxIndex && kt * kh * kw * cp <= cuda::kMaxIndex &&
+                  n * to * ho * wo <= cuda::kMaxIndex && (n * to * ho * wo / 64 + 1) * k <=
+                  cuda::kMaxIndex,
+              "st_conv3d: sizes too large for one launch (x ", x.sizes(), ", weight ",
+              weight.sizes(), "): per-clip, reduction and output-position counts must be < 2^31");
+
+  const at::Tensor xin = input_nthwc(x, cp);
+  const at::Tensor win = weight_repacked(weight, cp);
+  at::Tensor bias_f;
+  if (bias.has_value()) {
+    bias_f = bias->to(at::kFloat).contiguous();
+  }
+
+  cuda::StConvArgs args{};
+  args.input = xin.data_ptr();
+  args.weight = win.data_ptr();
+  args.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  args.out = out.data_ptr();
+  args.n = static_cast<int>(n);
+  args.c = static_cast<int>(cp);
+  args.t = static_cast<int>(t);
+  args.h = static_cast<int>(h);
+  args.w = static_cast<int>(w);
+  args.k = static_cast<int>(k);
+  args.kt = static_cast<int>(kt);
+  args.kh = static_cast<int>(kh);
+  args.kw = static_cast<int>(kw);
+  args.st = static_cast<int>(stride[0]);
+  args.sh = static_cast<int>(stride[1]);
+  args.sw = static_cast<int>(stride[2]);
+  args.pt = static_cast<int>(padding[0]);
+  args.ph = static_cast<int>(padding[1]);
+  args.pw = static_cast<int>(padding[2]);
+  args.to = static_cast<int>(to);
+  args.ho = static_cast<int>(ho);
+  args.wo = static_cast<int>(wo);
+  args.relu = relu;
+  cuda::launch_st_conv3d(args, type, at::cuda::getCurrentCUDAStream(x.get_device()).stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// `grad` laid out like `like` (what empty_like(like), the fake kernel's choice, gives).
+at::Tensor strided_like(const at::Tensor& grad, const at::Tensor& like) {
+  if (grad.strides() == like.strides()) {
+    return grad;
+  }
+  at::Tensor out = at::empty_like(like);
+  out.copy_(grad);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> st_conv3d_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding, bool relu,
+    std::array<bool, 3> output_mask) {
+  TORCH_CHECK(grad_out.is_cuda() && x.is_cuda() && weight.is_cuda() && out.is_cuda(),
+              "st_conv3d_backward: all tensors must be CUDA tensors");
+  TORCH_CHECK(stride.size() == 3 && padding.size() == 3,
+              "st_conv3d_backward: stride and padding must have 3 entries");
+  const c10::cuda::CUDAGuard guard(x.device());
+  // d relu(y)/dy is 1 where the output is positive: the saved output carries the mask.
+  const at::Tensor grad =
+      relu ? at::where(out.gt(0), grad_out, at::zeros({}, grad_out.options())) : grad_out;
+  const std::vector<int64_t> bias_sizes{weight.size(0)};
+  auto [gx, gw, gb] = at::convolution_backward(
+      grad, x, weight, bias_sizes, stride, padding, /*dilation=*/{1, 1, 1},
+      /*transposed=*/false, /*output_padding=*/{0, 0, 0}, /*groups=*/1, output_mask);
+  auto empty = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
+  return {output_mask[0] ? strided_like(gx, x) : empty(x),
+          output_mask[1] ? strided_like(gw, weight) : empty(weight),
+          output_mask[2] ? gb : empty(weight)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vidconv, CUDA, m) {
+  m.impl("st_conv3d", &st_conv3d_cuda);
+  m.impl("st_conv3d_backward", &st_conv3d_backward_cuda);
+}
+
+}  // namespace vidconv
