@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vidconv.ops import st_conv3d
-from vidconv.reference_conv import st_conv3d_reference
+from vidconv.reference import st_conv3d_reference
 
 # (name, C, K, (kt, kh, kw), stride, padding, (T, H, W) small for the CPU, (T, H, W) paper size).
 # Slow fusion conv1/conv2/conv3 follow paper.md (valid in time, extent 4/2/2, stride 2/2/1); the
