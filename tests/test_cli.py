@@ -1,0 +1,145 @@
+"""The `vidconv` command line: help, argument errors, and train -> evaluate -> finetune -> compare
+on a tiny synthetic dataset (CPU, a few steps; accuracy is tested in test_train.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vidconv.cli import main
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for this module: on CI's 2 shared cores two threads contend with the
+    loader's decoding threads and make these small networks several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_python_dash_m_help_lists_the_commands() -> None:
+    out = subprocess.run([sys.executable, "-m", "vidconv", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for command in ("train", "evaluate", "finetune", "compare", "baseline"):
+        assert command in out
+
+
+@pytest.mark.parametrize("command, options", [
+    ("train", ["--model", "--multires", "--width", "--optimizer", "--schedule", "--resume",
+               "--grad-clip", "--checkpoint-every", "--weight-decay"]),
+    ("evaluate", ["--clips", "--views", "--groups", "--out"]),
+    ("finetune", ["--mode", "--keep-prob", "top3", "scratch"]),
+    ("compare", ["--names", "--top"]),
+])
+def test_subcommand_help(command: str, options: list[str],
+                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in options:
+        assert option in out
+
+
+def test_baseline_is_dispatched(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("vidconv.baselines.cli")
+    with pytest.raises(SystemExit) as exc:
+        main(["baseline", "--help"])
+    assert exc.value.code == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_argument_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(tmp_path), "--model", "fast_fusion"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'fast_fusion'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "ckpt.pt", str(tmp_path), "--clips", "0"])
+    assert "must be a positive integer" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.pt"), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "vidconv: error:" in err and "missing.pt" in err
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
+    assert "report not found" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    synthetic = pytest.importorskip("vidconv.data.synthetic")
+    root = tmp_path_factory.mktemp("cli_videos")
+    synthetic.write_dataset(root / "train", classes=2, videos_per_class=3, frames=16, size=64,
+                            seed=3)
+    synthetic.write_dataset(root / "transfer", classes=3, videos_per_class=2, frames=16, size=64,
+                            seed=4)
+    return {"train": root / "train", "transfer": root / "transfer"}
+
+
+def test_train_evaluate_finetune_compare(data: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    common = ["--batch-size", "3", "--no-progress"]
+    assert main(["train", str(data["train"]), "--out", str(run), "--steps", "3",
+                 "--lr", "0.01", "--width", "0.05", *common]) == 0
+    out = capsys.readouterr().out
+    assert "done: 3/3 steps" in out and str(run / "checkpoint.pt") in out
+    assert (run / "metrics.csv").is_file() and (run / "config.json").is_file()
+
+    classes = sorted(p.name for p in data["train"].iterdir() if p.is_dir())
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"g": classes}))  # group -> [classes] form
+    assert main(["evaluate", str(run), str(data["train"]), "--clips", "2", "--views", "1",
+                 "--groups", str(groups), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "video hit@1" in out and "group g" in out
+    report = json.loads((run / "eval" / "report.json").read_text())
+    assert report["num_videos"] == 6 and report["num_clips"] == 12
+    assert set(report["groups"]) == {"g"}
+    assert (run / "eval" / "confusion.png").is_file()
+
+    # A dataset with classes the checkpoint does not know: named, exit code 2.
+    assert main(["evaluate", str(run), str(data["transfer"]), "--clips", "1", "--views", "1",
+                 "--no-progress"]) == 2
+    assert "does not know" in capsys.readouterr().err
+
+    ft = tmp_path / "ft"
+    assert main(["finetune", str(run / "checkpoint.pt"), str(data["transfer"]), "--mode",
+                 "top3", "--keep-prob", "0.1", "--out", str(ft), "--steps", "2",
+                 *common]) == 0
+    capsys.readouterr()
+    # Resuming a fine-tuning run: the model fields come from the pretrained checkpoint.
+    assert main(["finetune", str(run / "checkpoint.pt"), str(data["transfer"]), "--mode",
+                 "top3", "--keep-prob", "0.1", "--out", str(ft), "--steps", "2", "--resume",
+                 *common]) == 0
+    assert "done: 2/2 steps" in capsys.readouterr().out
+    config = json.loads((ft / "config.json").read_text())
+    assert config["finetune_mode"] == "top3" and config["keep_prob"] == 0.1
+    assert config["model"] == "single_frame" and config["width"] == 0.05
+
+    second = tmp_path / "eval2"
+    assert main(["evaluate", str(ft), str(data["transfer"]), "--clips", "2", "--views", "1",
+                 "--out", str(second), "--no-plots", "--no-progress"]) == 0
+    assert not (second / "confusion.png").exists()
+    capsys.readouterr()
+    assert main(["compare", str(second / "report.json"), str(second / "report.json"),
+                 "--names", "single", "slow", "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "largest gains (slow - single)" in out
+    assert (tmp_path / "cmp" / "compare.png").is_file()
+
+    # --resume of a finished run: nothing left to do, same checkpoint.
+    assert main(["train", str(data["train"]), "--out", str(run), "--steps", "3",
+                 "--lr", "0.01", "--width", "0.05", "--resume", *common]) == 0
+    assert "done: 3/3 steps" in capsys.readouterr().out
+    # --resume with another model: the differences are named.
+    assert main(["train", str(data["train"]), "--out", str(run), "--steps", "3", "--lr", "0.01",
+                 "--width", "0.05", "--resume", "--model", "early_fusion", *common]) == 2
+    assert "model: checkpoint has 'single_frame', this run 'early_fusion'" in \
+        capsys.readouterr().err
