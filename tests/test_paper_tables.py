@@ -1,0 +1,107 @@
+"""benchmarks/paper_tables.py: the tiny grid runs end to end, its report is complete, and every
+model in it beats chance."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("av")
+pytest.importorskip("matplotlib")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("paper_tables", BENCH / "paper_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["paper_tables"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+pt = _load()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread for this module: on CI's 2 shared cores two threads contend with the
+    loader's decoding threads and make these small networks several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ensemble_matches_clips_by_video_and_position() -> None:
+    a = {"scores": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]),
+         "labels": torch.tensor([0, 0, 1]), "video_index": torch.tensor([0, 0, 1])}
+    # Same clips in another order, plus a video the first network never saw.
+    b = {"scores": torch.tensor([[0.0, 1.0], [0.5, 0.5], [0.2, 0.8], [0.3, 0.7]]),
+         "labels": torch.tensor([1, 0, 0, 2]), "video_index": torch.tensor([1, 0, 0, 2])}
+    e = pt.ensemble([a, b])
+    torch.testing.assert_close(e["video_index"], torch.tensor([0, 0, 1]))
+    torch.testing.assert_close(e["labels"], torch.tensor([0, 0, 1]))
+    torch.testing.assert_close(e["scores"], torch.tensor([[0.75, 0.25], [0.1, 0.9], [0.5, 0.5]]))
+
+
+def test_help() -> None:
+    with pytest.raises(SystemExit) as exc:
+        pt.parse_args(["--help"])
+    assert exc.value.code == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("paper_tables")
+    assert pt.main(["--tiny", "--device", "cpu", "--out-dir", str(out), "--work-dir",
+                    str(out / "work"), "--no-progress"]) == 0
+    json_files = list(out.glob("paper_tables-tiny-*.json"))
+    assert len(json_files) == 1
+    return json.loads(json_files[0].read_text()), out
+
+
+@pytest.mark.slow
+def test_tiny_grid_report_is_complete(tiny_run: tuple[dict, Path]) -> None:
+    results, out = tiny_run
+    keys = [r["key"] for r in results["table1"]]
+    assert keys == [row.key for row in pt.TABLE1_ROWS]
+    for r in results["table1"]:
+        for metric in ("clip_hit1", "video_hit1", "video_hit5"):
+            assert 0.0 <= r[metric] <= 1.0, (r["key"], metric, r[metric])
+        assert r["video_hit5"] >= r["video_hit1"]
+        assert r["clips_per_s"] > 0 and math.isfinite(r["clips_per_s"])
+    assert [r["key"] for r in results["transfer"]] == [k for k, _ in pt.TRANSFER_ROWS]
+    for r in results["transfer"]:
+        assert set(results["transfer_groups"]) <= set(r["groups"])
+        assert all(0.0 <= v <= 1.0 for v in r["groups"].values())
+    kinds = {c["kind"] for c in results["motion"]["per_class"]}
+    assert {"motion", "appearance"} <= kinds
+    assert len(results["motion"]["per_class"]) == results["chance"]["pretrain_classes"]
+    md = next(out.glob("paper_tables-tiny-*.md")).read_text()
+    for row in pt.TABLE1_ROWS:
+        assert f"| {row.label} |" in md
+    for _, label in pt.TRANSFER_ROWS:
+        assert f"| {label} |" in md
+    assert "Table 1" in md and "Motion contribution" in md and "What differs" in md
+    for png in results["plots"].values():
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.slow
+def test_tiny_grid_every_model_beats_chance(tiny_run: tuple[dict, Path]) -> None:
+    results, _ = tiny_run
+    chance = results["chance"]["pretrain"]
+    for r in results["table1"]:
+        assert r["video_hit1"] > chance, (r["key"], r["video_hit1"], chance)
+    for r in results["transfer"]:
+        assert r["video_hit1"] > results["chance"]["transfer"], (r["key"], r["video_hit1"])
