@@ -9,19 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from vidconv.cli import main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread for this module: on CI's 2 shared cores two threads contend with the
-    loader's decoding threads and make these small networks several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These small networks share CI's 2 cores with the loader's decoding threads.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_python_dash_m_help_lists_the_commands() -> None:
