@@ -20,19 +20,73 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0a"
 
 
+def _cxx_standard() -> str:
+    """C++20 where the installed torch's headers demand it (torch 2.14 and later), else C++17,
+    which older torch builds are compiled and tested with."""
+    from torch.utils.cpp_extension import include_paths
+
+    for folder in include_paths():
+        aten = os.path.join(folder, "ATen", "ATen.h")
+        if os.path.exists(aten):
+            with open(aten, encoding="utf-8", errors="replace") as f:
+                return "c++20" if "C++20 or later" in f.read() else "c++17"
+    return "c++17"
+
+
+def _resolve_cuda_home() -> str | None:
+    """torch finds CUDA_HOME from the nvcc on PATH; when that nvcc is a wrapper script outside
+    the toolkit (e.g. /usr/local/bin/nvcc) the guess has no headers. Fall back to the toolkit
+    the real nvcc lives in, or /usr/local/cuda, and tell torch's builder."""
+    import shutil
+    import subprocess
+
+    from torch.utils import cpp_extension
+
+    def has_headers(home: str | None) -> bool:
+        return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+
+    home = cpp_extension.CUDA_HOME
+    if has_headers(home):
+        return home
+    candidates = [os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        import tempfile
+
+        try:  # a dry run prints the real toolkit's bin folder as _HERE_, wrapper or not
+            with tempfile.TemporaryDirectory() as tmp:
+                src = os.path.join(tmp, "probe.cu")
+                open(src, "w").close()
+                out = subprocess.run([nvcc, "--dryrun", "-c", src, "-o", src + ".o"],
+                                     capture_output=True, text=True, timeout=60)
+            candidates += [os.path.dirname(line.split("=", 1)[1].strip())
+                           for line in (out.stdout + out.stderr).splitlines()
+                           if line.startswith("#$ _HERE_=")]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    for cand in candidates:
+        if has_headers(cand):
+            print(f"vidconv: CUDA_HOME {home!r} has no cuda_runtime.h; using {cand}")
+            cpp_extension.CUDA_HOME = cand
+            os.environ["CUDA_HOME"] = cand
+            return cand
+    return home
+
+
 def _cuda_decision() -> tuple[bool, str]:
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME
 
     if os.environ.get("VIDCONV_CPU_ONLY", "0") == "1":
         return False, "VIDCONV_CPU_ONLY=1"
     if os.environ.get("VIDCONV_FORCE_CUDA", "0") == "1":
+        _resolve_cuda_home()
         return True, "VIDCONV_FORCE_CUDA=1"
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} has no CUDA"
-    if CUDA_HOME is None:
+    cuda_home = _resolve_cuda_home()
+    if cuda_home is None:
         return False, "nvcc not found (set CUDA_HOME)"
-    return True, f"torch CUDA {torch.version.cuda}, nvcc in {CUDA_HOME}"
+    return True, f"torch CUDA {torch.version.cuda}, nvcc in {cuda_home}"
 
 
 def _extensions() -> list:
@@ -47,7 +101,8 @@ def _extensions() -> list:
     sources = [os.path.join("csrc", "ops.cpp")]
     sources += sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-std=c++17", "-fopenmp"]
+    std = f"-std={_cxx_standard()}"
+    cxx = [*opt, std, "-fopenmp"]
     macros = [("VIDCONV_ARCHS", f'"{archs if with_cuda else ""}"')]
     extra_link = ["-fopenmp"]
     if not with_cuda:
@@ -56,7 +111,7 @@ def _extensions() -> list:
                              include_dirs=[os.path.join(ROOT, "csrc")])]
 
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    nvcc = [*opt, "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr",
+    nvcc = [*opt, std, "-lineinfo", "--expt-relaxed-constexpr",
             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
     if debug:
         nvcc += ["-G"]
