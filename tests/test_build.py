@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -54,14 +55,48 @@ def test_kernels_registered_per_backend(op: str) -> None:
         assert has_cuda == vidconv.build_info().has_cuda_kernels
 
 
-def _load_cuda_decision():
-    """setup.py's _cuda_decision, executed without running setup() (that is the whole file)."""
+def _load_setup_functions() -> dict:
+    """setup.py's functions, executed without running setup() (the last statement)."""
     tree = ast.parse(SETUP_PY.read_text())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_cuda_decision")
-    module = ast.Module(body=[ast.Import(names=[ast.alias(name="os")]), fn], type_ignores=[])
+    fns = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    module = ast.Module(body=[ast.Import(names=[ast.alias(name="os")]), *fns], type_ignores=[])
     namespace: dict = {}
     exec(compile(ast.fix_missing_locations(module), str(SETUP_PY), "exec"), namespace)
-    return namespace["_cuda_decision"]
+    return namespace
+
+
+def _load_cuda_decision():
+    return _load_setup_functions()["_cuda_decision"]
+
+
+def test_setup_cxx_standard_follows_the_torch_headers() -> None:
+    from torch.utils.cpp_extension import include_paths
+
+    aten = next(Path(d) / "ATen" / "ATen.h" for d in include_paths()
+                if (Path(d) / "ATen" / "ATen.h").exists())
+    expected = "c++20" if "C++20 or later" in aten.read_text() else "c++17"
+    assert _load_setup_functions()["_cxx_standard"]() == expected
+
+
+def test_setup_finds_the_toolkit_behind_a_headerless_cuda_home(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from torch.utils import cpp_extension
+
+    wrapper_home = tmp_path / "usr_local"  # what torch guesses from a wrapper nvcc: no headers
+    (wrapper_home / "bin").mkdir(parents=True)
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(wrapper_home))
+    monkeypatch.setenv("CUDA_PATH", str(toolkit))
+    monkeypatch.setenv("CUDA_HOME", str(wrapper_home))
+    resolve = _load_setup_functions()["_resolve_cuda_home"]
+    assert resolve() == str(toolkit)
+    assert cpp_extension.CUDA_HOME == str(toolkit) and os.environ["CUDA_HOME"] == str(toolkit)
+    # a CUDA_HOME that has the headers is kept as it is
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(toolkit))
+    monkeypatch.setenv("CUDA_PATH", str(wrapper_home))
+    assert resolve() == str(toolkit)
 
 
 @pytest.mark.parametrize("env,expected", [
