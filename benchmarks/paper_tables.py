@@ -15,8 +15,8 @@ mixed classes), or on real data:
   what separates the class (motion only / appearance only / both).
 
 Writes benchmarks/results/paper_tables-<device>.{md,json} and PNG plots beside them; the table
-is printed last. Modes: ``--tiny`` (the test suite's run, ~1-2 min on 2 CPU cores), ``--quick``
-(CI, a few minutes on 2 CPU cores), default full (a GPU). Real data:
+is printed last. Modes: ``--tiny`` (a smoke run, ~2 min on 2 CPU cores), ``--quick``
+(the test suite's and CI's run, ~6 min on 2 CPU cores), default full (a GPU). Real data:
 ``--dataset ucf101 --root UCF101/ --splits ucfTrainTestlist/ [--fold 1]`` runs Table 1 on
 UCF-101 (and the transfer table when ``--pretrained CKPT`` gives a Sports-1M-style network), and
 ``--dataset list --train-list train.txt --test-list test.txt --root VIDEOS/`` runs Table 1 on a
@@ -703,9 +703,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--tiny", action="store_true",
-                      help="the test suite's run: smallest synthetic set, ~1-2 min on 2 CPU cores")
+                      help="smoke run: smallest synthetic set, ~2 min on 2 CPU cores")
     mode.add_argument("--quick", action="store_true",
-                      help="CI run: small synthetic set, a few minutes on 2 CPU cores")
+                      help="the test suite's and CI's run: small synthetic set, ~6 min on "
+                           "2 CPU cores")
     p.add_argument("--dataset", choices=("synthetic", "ucf101", "list"), default="synthetic")
     p.add_argument("--root", default=None, help="video root (ucf101 / list datasets)")
     p.add_argument("--splits", default=None,
