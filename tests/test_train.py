@@ -106,6 +106,25 @@ def test_compare_gains_and_losses(tmp_path: Path) -> None:
     assert acc["gains"][0]["class"] == "juggling" and acc["gains"][0]["diff"] == pytest.approx(.4)
     with pytest.raises(ValueError, match="different classes"):
         compare(a, {**b, "classes": ["x", "climbing", "racing", "boxing"]})
+    for bad in (("m", "m"), ("single", "class"), ("diff", "slow")):
+        with pytest.raises(ValueError, match="two different labels"):
+            compare(a, b, names=bad)
+
+
+def test_compare_leaves_out_classes_without_a_score() -> None:
+    # NaN (a class with no test video, as other tools write it) must not reach the ranking,
+    # whatever the position of the class (a NaN in a sort key scrambles the order around it)
+    import itertools
+
+    va = {"c0": 0.1, "c1": 0.2, "c2": 0.3, "c3": float("nan"), "c4": 0.5, "c5": None}
+    vb = {"c0": 0.9, "c1": 0.6, "c2": 0.4, "c3": 0.9, "c4": float("nan"), "c5": 0.2}
+    for order in itertools.islice(itertools.permutations(va), 0, None, 7):
+        a = {"classes": list(order), "per_class": [va[c] for c in order]}
+        b = {"classes": list(order), "per_class": [vb[c] for c in order]}
+        res = compare(a, b, metric="accuracy", top=3)
+        assert [r["class"] for r in res["gains"]] == ["c0", "c1", "c2"], order
+        assert res["losses"] == []
+        assert [d is None for d in res["diff"]] == [c in ("c3", "c4", "c5") for c in order]
 
 
 def test_checkpoint_errors(tmp_path: Path) -> None:
@@ -241,6 +260,49 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(datasets: dict[str, Pa
             assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         train(TrainConfig(out=str(tmp_path / "nothing"), resume=True, **cfg))
+    # a changed dropout would silently not apply (the model comes from the checkpoint)
+    with pytest.raises(ValueError, match="dropout: checkpoint has 0.5, this run 0.2"):
+        train(TrainConfig(out=str(tmp_path / "part"), resume=True, **{**cfg, "dropout": 0.2}))
+    # resuming a finished run trains nothing and keeps its summary
+    again = train(TrainConfig(out=str(tmp_path / "part"), resume=True, **cfg))
+    assert again["final_loss"] == resumed["final_loss"] is not None
+    assert again["clips_per_s"] == resumed["clips_per_s"] > 0
+
+
+def test_summary_counts_the_clips_really_trained(datasets: dict[str, Path],
+                                                 tmp_path: Path) -> None:
+    # 12 videos with batch 32: every batch holds 12 clips, not 32
+    summary = train(TrainConfig(data=str(datasets["train"]), out=str(tmp_path / "r"),
+                                width=WIDTH, batch_size=32, steps=3, progress=False))
+    clips = summary["clips_per_s"] * summary["elapsed_s"]
+    assert clips == pytest.approx(3 * 4 * CLASSES, rel=1e-6)
+
+
+def test_resume_mid_epoch_skips_batches_without_decoding(datasets: dict[str, Path]) -> None:
+    from vidconv.data import ClipLoader, VideoFolder
+    from vidconv.models import build
+
+    loader = ClipLoader(VideoFolder(datasets["train"]), build("single_frame", width=WIDTH).spec,
+                        batch_size=4, train=True, seed=3)
+    loader.set_epoch(2)
+    full = list(loader)
+    decoded = []
+    load = loader._load
+    loader._load = lambda chunk: decoded.append(len(chunk)) or load(chunk)
+    tail = list(loader.iter_from(1))
+    assert len(decoded) == len(full) - 1 == len(tail)
+    for a, b in zip(full[1:], tail, strict=True):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    with pytest.raises(ValueError, match="start_batch"):
+        list(loader.iter_from(-1))
+
+
+def test_config_spellings_of_one_run(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    a = TrainConfig(data="x", init_from=str(tmp_path / "run"), finetune_mode="top")
+    b = TrainConfig(data="x", init_from=str(tmp_path / "run" / "checkpoint.pt"),
+                    finetune_mode="top")
+    assert a.init_from == b.init_from == os.path.realpath(tmp_path / "run" / "checkpoint.pt")
 
 
 EXPECTED_TRAINED = {

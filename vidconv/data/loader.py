@@ -466,8 +466,18 @@ class ClipLoader:
         return Batch(inputs, labels, index)
 
     def __iter__(self) -> Iterator[Batch]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[Batch]:
+        """The epoch's batches from `start_batch` on, the earlier ones not decoded: a run
+        resumed mid-epoch continues with the clips it would have seen (clip order and
+        augmentation depend only on seed and epoch). One caveat: a batch made only of videos
+        that turn out undecodable yields nothing, so past one the count is off by one."""
+        if isinstance(start_batch, bool) or not isinstance(start_batch, int) or start_batch < 0:
+            raise ValueError(f"start_batch must be an int >= 0, got {start_batch!r}")
         items = self.items()
         chunks = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        chunks = chunks[start_batch:]
         if self.num_workers == 0:
             for chunk in chunks:
                 batch = self._load(chunk)

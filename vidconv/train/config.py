@@ -70,7 +70,10 @@ class TrainConfig:
         if self.root is not None:
             self.root = os.path.abspath(self.root)
         if self.init_from is not None:
-            self.init_from = os.path.abspath(self.init_from)
+            # a run directory means its checkpoint: one spelling, so --resume compares equal
+            if os.path.isdir(self.init_from):
+                self.init_from = os.path.join(self.init_from, "checkpoint.pt")
+            self.init_from = os.path.realpath(self.init_from)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
@@ -117,5 +120,6 @@ class TrainConfig:
 
 
 # Options that define the model and its data; a resumed run must agree on all of them.
-RESUME_MUST_MATCH = ("data", "root", "model", "multires", "stream", "width", "batch_size",
-                     "optimizer", "schedule", "seed", "init_from", "finetune_mode")
+RESUME_MUST_MATCH = ("data", "root", "model", "multires", "stream", "width", "dropout",
+                     "batch_size", "optimizer", "schedule", "seed", "init_from",
+                     "finetune_mode", "keep_prob")

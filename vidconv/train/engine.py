@@ -39,7 +39,10 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank)
         return torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} asked for CUDA but no CUDA device is available")
     if dev.type == "cuda" and dev.index is None:
@@ -272,6 +275,10 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to ``total_steps`` (or until SIGINT/SIGTERM) and return the summary."""
         cfg = self.config
+        finished = self.run_dir / "summary.json"
+        if self.step >= self.total_steps and finished.exists():
+            # --resume of a run that already finished: nothing to train, keep its summary
+            return json.loads(finished.read_text())
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -289,8 +296,9 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                        desc=f"train {self.model.variant}")
-        start_step, t0 = self.step, time.perf_counter()
+        t0 = time.perf_counter()
         win_loss = win_correct = win_count = 0.0
+        clips_seen = 0  # this rank's; the last batch of an epoch is often not full
         win_start = time.perf_counter()
         last = {"loss": float("nan"), "clip_acc": float("nan"), "clips_per_s": 0.0}
         interrupted = False
@@ -302,7 +310,7 @@ class Trainer:
             elapsed = time.perf_counter() - win_start
             mean_loss = self._agree(win_loss / max(win_count, 1))
             acc = self._agree(win_correct / max(win_count, 1))
-            rate = win_count * self.world / max(elapsed, 1e-9)
+            rate = self._agree(win_count, "sum") / max(elapsed, 1e-9)
             last = {"loss": mean_loss, "clip_acc": acc, "clips_per_s": rate}
             log.write(step=self.step, epoch=self.epoch, loss=mean_loss, clip_acc=acc,
                       lr=self._lr(), clips_per_s=rate, elapsed_s=time.perf_counter() - t0)
@@ -316,9 +324,8 @@ class Trainer:
         try:
             while self.step < self.total_steps and not interrupted:
                 self.loader.set_epoch(self.epoch)
-                it = iter(self.loader)
-                for _ in range(self.batch_in_epoch):
-                    next(it)  # fast-forward after a resume; the loader is seeded per epoch
+                # after a resume, skip the batches this epoch already trained on, undecoded
+                it = self.loader.iter_from(self.batch_in_epoch)
                 if self._resume_rng is not None:
                     ckpt_io.set_rng_state(self._resume_rng)
                     self._resume_rng = None
@@ -334,6 +341,7 @@ class Trainer:
                     win_loss += loss * n
                     win_correct += correct
                     win_count += n
+                    clips_seen += n
                     self.plateau_sum += loss
                     self.plateau_count += 1
                     epoch_done = self.batch_in_epoch >= self.steps_per_epoch
@@ -381,8 +389,7 @@ class Trainer:
             "final_loss": last["loss"],
             "train_clip_acc": last["clip_acc"],
             "lr": self._lr(),
-            "clips_per_s": (self.step - start_step) * cfg.batch_size * self.world
-            / max(elapsed, 1e-9),
+            "clips_per_s": self._agree(float(clips_seen), "sum") / max(elapsed, 1e-9),
             "elapsed_s": elapsed,
             "interrupted": interrupted,
             "skipped_videos": skipped_count(report),
