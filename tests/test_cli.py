@@ -81,6 +81,8 @@ def test_train_evaluate_finetune_compare(data: dict[str, Path], tmp_path: Path,
     assert main(["train", str(data["train"]), "--out", str(run), "--steps", "3",
                  "--lr", "0.01", "--width", "0.05", *common]) == 0
     out = capsys.readouterr().out
+    assert main(["evaluate", str(run), str(data["train"]), "--device", "tpu9"]) == 2
+    assert "device must be auto, cpu, cuda or cuda:N, got 'tpu9'" in capsys.readouterr().err
     assert "done: 3/3 steps" in out and str(run / "checkpoint.pt") in out
     assert (run / "metrics.csv").is_file() and (run / "config.json").is_file()
 
@@ -135,3 +137,30 @@ def test_train_evaluate_finetune_compare(data: dict[str, Path], tmp_path: Path,
                  "--width", "0.05", "--resume", "--model", "early_fusion", *common]) == 2
     assert "model: checkpoint has 'single_frame', this run 'early_fusion'" in \
         capsys.readouterr().err
+
+
+def test_baseline_train_and_evaluate_report(data: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`vidconv baseline`: the report is strict JSON with the CNN report's keys and meanings,
+    also when a class has no test video (its per-class numbers are null, not NaN)."""
+    pytest.importorskip("sklearn")
+    import shutil
+
+    model = tmp_path / "bow.pkl"
+    assert main(["baseline", "train", str(data["train"]), "--out", str(model), "--words", "8",
+                 "--clips-per-video", "2"]) == 0
+    one_class = tmp_path / "one_class"
+    first = sorted(p for p in data["train"].iterdir() if p.is_dir())[0]
+    shutil.copytree(first, one_class / first.name)
+    report_path = tmp_path / "bow.json"
+    assert main(["baseline", "evaluate", str(model), str(one_class), "--clips-per-video", "2",
+                 "--json", str(report_path)]) == 0
+    assert "videos" in capsys.readouterr().out
+
+    def no_nan(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name} in the report")
+
+    report = json.loads(report_path.read_text(), parse_constant=no_nan)
+    assert report["clips"] == 2 and report["views"] == 1 and report["skipped_videos"] == 0
+    assert report["num_videos"] == 3 and report["num_clips"] == 6
+    assert len(report["classes"]) == 2 and report["per_class"][1] is None

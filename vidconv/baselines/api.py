@@ -127,14 +127,21 @@ def evaluate_baseline(model: FeatureHistogramBaseline, source: Any, *,
         from vidconv.train.evaluation import label_map
 
         mapping = torch.tensor(label_map(data.classes, model_classes), dtype=torch.int64)
-        data = ClipSet(data.clips, mapping[data.labels], data.video_index, list(model_classes))
+        data = ClipSet(data.clips, mapping[data.labels], data.video_index, list(model_classes),
+                       data.loader_report)
     t0 = time.perf_counter()
     counts = model.counts(data.clips)
     scores = baseline_scores(model, data, video_pooling=video_pooling, counts=counts)
     seconds = time.perf_counter() - t0
     report = report_from_scores(scores["clip_scores"], data.labels, scores["video_scores"],
                                 scores["video_labels"], data.classes, groups)
+    from vidconv.train.data import skipped_count
+    from vidconv.train.evaluation import to_json_safe
+
     report["clips_per_s"] = len(data.labels) / seconds
-    report["clips"] = len(data.labels)
-    report["videos"] = len(scores["videos"])
-    return report
+    # the same keys, meaning the same, as vidconv.train.evaluate's report
+    report["clips"] = clips_per_video
+    report["views"] = 1
+    report["skipped_videos"] = skipped_count(data.loader_report)
+    report["loader_report"] = data.loader_report
+    return to_json_safe(report)  # NaN (a class with no test video) -> null, as there

@@ -82,12 +82,16 @@ def _spec(args: argparse.Namespace, trained: Any = None) -> Any:
 
 
 def _print_report(report: dict[str, Any]) -> None:
+    def pct(v: float | None) -> str:  # None: no test video of that class / group
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    mean_ap = "-" if report["mean_ap"] is None else f"{report['mean_ap']:.3f}"
     print(f"{report['num_videos']} videos, {report['num_clips']} clips: "
-          f"clip hit@1 {100 * report['clip_hit1']:.1f}%  video hit@1 "
-          f"{100 * report['video_hit1']:.1f}%  video hit@5 {100 * report['video_hit5']:.1f}%  "
-          f"mAP {report['mean_ap']:.3f}  ({report['clips_per_s']:,.0f} clips/s, CPU features)")
+          f"clip hit@1 {pct(report['clip_hit1'])}  video hit@1 {pct(report['video_hit1'])}  "
+          f"video hit@5 {pct(report['video_hit5'])}  mAP {mean_ap}  "
+          f"({report['clips_per_s']:,.0f} clips/s, CPU features)")
     for name, acc in (report.get("groups") or {}).items():
-        print(f"  group {name}: video hit@1 {100 * acc:.1f}%")
+        print(f"  group {name}: video hit@1 {pct(acc)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     _print_report(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        Path(args.json).write_text(json.dumps(report, indent=2, default=str,
+                                                     allow_nan=False) + "\n")
     return 0
 
 

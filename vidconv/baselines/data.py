@@ -50,6 +50,7 @@ class ClipSet:
     labels: torch.Tensor  # (N,) int64
     video_index: torch.Tensor  # (N,) int64, index into source.videos
     classes: list[str]
+    loader_report: dict[str, Any] | None = None  # the loader's skipped videos, JSON-friendly
 
 
 def load_clips(source: Any, spec: ClipSpec, *, train: bool, clips_per_video: int,
@@ -88,4 +89,7 @@ def load_clips(source: Any, spec: ClipSpec, *, train: bool, clips_per_video: int
         bar.close()
     if not clips:
         raise ValueError(f"source gave no clips (loader report: {getattr(loader, 'report', None)})")
-    return ClipSet(torch.cat(clips), torch.cat(labels), torch.cat(index), list(source.classes))
+    from vidconv.train.data import loader_report
+
+    return ClipSet(torch.cat(clips), torch.cat(labels), torch.cat(index), list(source.classes),
+                   loader_report(loader))

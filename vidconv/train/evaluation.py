@@ -231,6 +231,10 @@ def compare(
     B = a multi-frame model). `metric`: "ap" (per-class average precision, as the paper),
     "accuracy", or "auto" (AP when both reports have it).
     """
+    names = tuple(names)
+    if len(names) != 2 or names[0] == names[1] or {"class", "diff"} & set(names):
+        raise ValueError(f"names must be two different labels other than 'class' and 'diff', "
+                         f"got {names!r}")
     ra, rb = _read_report(a, names[0]), _read_report(b, names[1])
     if list(ra["classes"]) != list(rb["classes"]):
         only_a = sorted(set(ra["classes"]) - set(rb["classes"]))
@@ -249,7 +253,9 @@ def compare(
     classes = list(ra["classes"])
     rows = []
     for cls, x, y in zip(classes, va, vb, strict=True):
-        diff = None if x is None or y is None else y - x
+        # a class with no test video has no score (None, or NaN in older/other reports)
+        known = x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+        diff = y - x if known else None
         rows.append({"class": cls, names[0]: x, names[1]: y, "diff": diff})
     valid = [r for r in rows if r["diff"] is not None]
     gains = sorted(valid, key=lambda r: (-r["diff"], r["class"]))[:top]
