@@ -426,3 +426,19 @@ def test_bad_videos_are_skipped_and_counted(trained: dict, datasets: dict[str, P
     report = evaluate(trained["checkpoint"], data, clips=1, views=1, progress=False)
     assert report["skipped_videos"] == 1
     assert report["num_videos"] == 4 * CLASSES  # the broken one has no clip and is left out
+
+
+def test_a_diverged_step_stops_before_touching_the_weights(datasets: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    trainer = Trainer(TrainConfig(data=str(datasets["train"]), out=str(tmp_path / "r"),
+                                  width=WIDTH, batch_size=4, steps=3, progress=False))
+    with torch.no_grad():
+        trainer.model.classifier.bias.fill_(float("nan"))
+    conv1 = trainer.model.state_dict()["towers.frames.conv1.conv.weight"].clone()
+    try:
+        with pytest.raises(FloatingPointError, match="not finite at step 1"):
+            trainer.run()
+    finally:
+        trainer.close()
+    assert torch.equal(trainer.model.state_dict()["towers.frames.conv1.conv.weight"], conv1)
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()

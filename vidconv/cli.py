@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as exc:
+    except (FileNotFoundError, ValueError, TypeError, ImportError, FloatingPointError) as exc:
         return _fail(str(exc))
 
 

@@ -414,6 +414,11 @@ class Trainer:
                             enabled=cfg.amp and self.use_cuda):
             logits = self.ddp_model(inputs)
         loss = F.cross_entropy(logits.float(), labels)
+        # stop before a diverged step reaches the weights (and so any checkpoint)
+        if self._agree(float(not torch.isfinite(loss).item()), "max") > 0:
+            raise FloatingPointError(
+                f"loss is not finite at step {self.step + 1} (on at least one rank): training "
+                f"diverged; the last checkpoint is untouched. Lower --lr or set --grad-clip.")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip is not None:
@@ -435,7 +440,10 @@ class Trainer:
 
 def train(config: TrainConfig | dict[str, Any], *, on_step: StepHook | None = None
           ) -> dict[str, Any]:
-    """Train a model as `config` says; returns the run summary (see /work/notes/E.md).
+    """Train a model as `config` says; returns the run summary (also in OUT/summary.json):
+    steps, total_steps, epochs, final_loss, train_clip_acc, lr, clips_per_s, elapsed_s,
+    interrupted, skipped_videos, loader_report, classes, model, trainable_params,
+    world_size, device, run_dir, checkpoint.
 
     Under torchrun every rank calls this; rank 0 writes the checkpoint and logs.
     """

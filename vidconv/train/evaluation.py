@@ -84,8 +84,15 @@ def evaluate(
     backend: str = "auto",
     workers: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate a model (or a checkpoint path) on a dataset; returns the report dict described in
-    /work/notes/E.md, and writes report.json (+ PNG plots) to `out` if given.
+    """Evaluate a model (or a checkpoint path) on a dataset with the paper's protocol: `clips`
+    evenly spaced clips per video, each in `views` crops/flips, class scores averaged per video.
+
+    Returns the report (also written to `out`/report.json, with PNG plots, if `out` is given):
+    ``num_videos``, ``num_clips``, ``clips``, ``views``, ``clip_hit1``, ``video_hit1``,
+    ``video_hit5``, ``mean_ap``, ``per_class`` (video accuracy), ``per_class_ap``,
+    ``confusion`` (rows: true class), ``groups`` / ``groups_ap`` (with `groups`),
+    ``skipped_videos`` and ``loader_report``; numbers that do not exist (a class with no
+    test video) are None.
 
     Raises:
         ValueError: the dataset has classes the model does not know, or a bare model's class
