@@ -99,3 +99,33 @@ def test_quick_grid_every_model_beats_chance(quick_run: tuple[dict, Path]) -> No
         assert r["video_hit1"] > chance, (r["key"], r["video_hit1"], chance)
     for r in results["transfer"]:
         assert r["video_hit1"] > results["chance"]["transfer"], (r["key"], r["video_hit1"])
+
+
+def test_ucf101_split_files_are_read_as_the_official_layout(tmp_path: Path) -> None:
+    """--dataset ucf101: classInd.txt (1-based ids), trainlist01.txt with labels, testlist01.txt
+    without, paths relative to --root; a missing split file is named."""
+    from vidconv.data import synthetic
+
+    synthetic.write_dataset(tmp_path / "videos", classes=2, videos_per_class=3, frames=12,
+                            size=48, seed=5)
+    classes = sorted(p.name for p in (tmp_path / "videos").iterdir() if p.is_dir())
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "classInd.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(classes, 1)))
+    train, test = [], []
+    for i, c in enumerate(classes, 1):
+        files = sorted(p.name for p in (tmp_path / "videos" / c).iterdir())
+        train += [f"{c}/{f} {i}\n" for f in files[:2]]
+        test += [f"{c}/{f}\n" for f in files[2:]]
+    (splits / "trainlist01.txt").write_text("".join(train))
+    (splits / "testlist01.txt").write_text("".join(test))
+    args = pt.parse_args(["--dataset", "ucf101", "--root", str(tmp_path / "videos"),
+                          "--splits", str(splits)])
+    data = pt.load_data(args, pt.SCALES["tiny"], tmp_path / "work")
+    assert data.pretrain_train.classes == data.pretrain_test.classes == classes
+    assert len(data.pretrain_train.source.videos) == 4
+    assert [v.label for v in data.pretrain_test.source.videos] == [0, 1]
+    assert data.transfer_train is None and "UCF-101 fold 1" in data.summary
+    (splits / "testlist01.txt").unlink()
+    with pytest.raises(ValueError, match="testlist01.txt"):
+        pt.load_data(args, pt.SCALES["tiny"], tmp_path / "work")
