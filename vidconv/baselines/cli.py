@@ -26,7 +26,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="frames per clip (default 10; evaluate: the trained baseline's)")
     p.add_argument("--step", type=int, default=None,
                    help="frame step inside a clip (default 1; evaluate: the trained baseline's)")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    # progress bars on by default, as in `vidconv train` / `evaluate`
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
