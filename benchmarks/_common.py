@@ -27,7 +27,14 @@ def resolve_device(name: str | None) -> torch.device:
     """'auto' or None picks CUDA when there is a device and vidconv has CUDA kernels."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device here (torch {torch.__version__}, "
+                         f"CUDA {torch.version.cuda}); use --device cpu or auto")
+    return device
 
 
 def device_name(device: torch.device | str) -> str:

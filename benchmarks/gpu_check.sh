@@ -133,6 +133,9 @@ fi
 bench conv
 bench speed
 bench loader
+# the small-scale paper grid last: minutes on a GPU, and the other numbers come first
+bench paper_tables --quick --out-dir "$out" --work-dir "${TMPDIR:-/tmp}/vidconv-paper-tables" \
+  --no-progress
 
 echo "== results in $out" | tee -a "$out/summary.txt"
 ls -1 "$out" | sed 's/^/   /'
