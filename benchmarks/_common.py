@@ -24,17 +24,14 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """'auto' or None picks CUDA when there is a device and vidconv has CUDA kernels."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """'auto' or None picks CUDA when there is a device; a device that is not there (or a bad
+    name) ends the script with vidconv.train's one-line message instead of a traceback."""
+    from vidconv.train.engine import resolve_device as resolve
+
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise SystemExit(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device here (torch {torch.__version__}, "
-                         f"CUDA {torch.version.cuda}); use --device cpu or auto")
-    return device
+        return resolve(name or "auto")
+    except ValueError as exc:
+        raise SystemExit(f"--device: {exc}") from exc
 
 
 def device_name(device: torch.device | str) -> str:

@@ -33,7 +33,7 @@ def test_help(script: str) -> None:
 def test_missing_cuda_is_a_clear_error(script: str) -> None:
     res = _run(script, "--device", "cuda")
     assert res.returncode != 0
-    assert "--device cuda: no CUDA device here" in res.stderr
+    assert "asked for CUDA but no CUDA device is available" in res.stderr
     assert "Traceback" not in res.stderr
 
 
