@@ -136,7 +136,7 @@ def evaluate_baseline(model: FeatureHistogramBaseline, source: Any, *,
     report = report_from_scores(scores["clip_scores"], data.labels, scores["video_scores"],
                                 scores["video_labels"], data.classes, groups)
     from vidconv.train.data import skipped_count
-    from vidconv.train.evaluation import to_json_safe
+    from vidconv.train.metrics import to_json_safe
 
     report["clips_per_s"] = len(data.labels) / seconds
     # the same keys, meaning the same, as vidconv.train.evaluate's report

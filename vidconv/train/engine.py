@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import signal
 import time
@@ -28,6 +27,7 @@ from vidconv.train import data as train_data
 from vidconv.train.config import RESUME_MUST_MATCH, TrainConfig
 from vidconv.train.data import loader_report, skipped_count, to_device
 from vidconv.train.finetune import apply_finetune, set_train_mode
+from vidconv.train.metrics import to_json_safe
 
 CSV_FIELDS = ("step", "epoch", "loss", "clip_acc", "lr", "clips_per_s", "elapsed_s")
 StepHook = Callable[[int, float], None]
@@ -401,7 +401,7 @@ class Trainer:
             "device": str(self.device),
         }
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(_finite(summary), indent=2))
+            (self.run_dir / "summary.json").write_text(json.dumps(to_json_safe(summary), indent=2))
         if self.world > 1:
             dist.barrier()
         return summary
@@ -495,14 +495,3 @@ class _MetricsLog:
             self.file.close()
         if self.tb is not None:
             self.tb.close()
-
-
-def _finite(value: Any) -> Any:
-    """NaN/inf -> None so the JSON is standard."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value

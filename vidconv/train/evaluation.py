@@ -22,6 +22,7 @@ from vidconv.train import metrics
 from vidconv.train.checkpoint import load_model, model_info
 from vidconv.train.data import loader_report, skipped_count, to_device
 from vidconv.train.engine import resolve_device
+from vidconv.train.metrics import to_json_safe
 
 
 def load_groups(groups: Mapping[str, str] | str | Path | None) -> dict[str, str] | None:
@@ -198,17 +199,6 @@ def evaluate(
             except ImportError as exc:
                 warnings.warn(f"no plots written: {exc}", stacklevel=2)
     return report
-
-
-def to_json_safe(value: Any) -> Any:
-    """NaN / inf -> None (standard JSON), tuples -> lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: to_json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_json_safe(v) for v in value]
-    return value
 
 
 def _read_report(report: Mapping[str, Any] | str | Path, which: str) -> dict[str, Any]:

@@ -7,7 +7,9 @@ the CNN report with the same code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -125,3 +127,14 @@ def video_group_accuracy(
     for p, y in zip(pred.tolist(), labels.tolist(), strict=True):
         out.setdefault(group_of[y], []).append(int(p == y))
     return {g: sum(v) / len(v) for g, v in sorted(out.items())}
+
+
+def to_json_safe(value: Any) -> Any:
+    """NaN / inf -> None (standard JSON), tuples -> lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json_safe(v) for v in value]
+    return value
