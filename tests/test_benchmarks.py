@@ -71,3 +71,100 @@ def test_conv_minimal_run(tmp_path: Path) -> None:
     for layer in data["layers"]:
         assert any("single_frame" in use for use in layer["uses"])
         assert layer["fwd_ms"]["ours"] > 0 and layer["max_rel_diff"] < 1e-4  # checked before timing
+
+
+# ---- the one-call GPU check: its dry run, its budget and its step runner -----------------------
+
+GPU_CHECK = BENCH / "gpu_check.sh"
+
+
+def _gpu_check(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gpu_check_dry_run_runs_every_step_cpu_part(tmp_path: Path) -> None:
+    out = tmp_path / "gpu"
+    res = _gpu_check("--dry-run", str(out))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8, files  # what one device call can bring back
+    assert {"summary.txt", "summary.json", "logs.tar.gz"} <= set(files)
+    summary = json.loads((out / "summary.json").read_text())
+    steps = {s["name"]: s for s in summary["steps"]}
+    for name in ("versions", "build", "build_info", "pytest_cuda", "sanitize_workload_cpu",
+                 "bench_preprocess", "bench_conv", "bench_speed", "bench_loader"):
+        assert steps[name]["status"] == "ok", steps[name]
+    assert "GPU tests collected" in steps["pytest_cuda"]["detail"]
+    for bench in ("preprocess", "conv", "speed", "loader"):
+        assert json.loads((out / f"{bench}.json").read_text())  # each benchmark wrote its JSON
+    assert summary["versions"]["torch"] == torch.__version__
+    # the table is printed last, with the budget used
+    assert res.stdout.rstrip().splitlines()[-1].startswith("budget: used")
+    assert "(dry run)" in res.stdout.splitlines()[-1]
+
+
+def test_gpu_check_out_of_budget_skips_and_says_why(tmp_path: Path) -> None:
+    out = tmp_path / "gpu"
+    res = _gpu_check("--dry-run", "--budget", "11", str(out), timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    steps = json.loads((out / "summary.json").read_text())["steps"]
+    assert steps and all(s["status"] == "skipped" for s in steps), steps
+    assert any("budget left" in s["detail"] for s in steps)
+    assert len(list(out.iterdir())) <= 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "-5"], "--budget must be a positive number"),
+    (["--budget", "nan"], "--budget must be a positive number"),
+])
+def test_gpu_check_bad_arguments_are_one_line(tmp_path: Path, args, message) -> None:
+    res = _gpu_check("--dry-run", *args, str(tmp_path / "o"), timeout=60)
+    assert res.returncode == 2 and message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_gpu_check_out_must_be_a_folder(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    res = _gpu_check("--dry-run", str(f), timeout=60)
+    assert res.returncode == 2 and "OUT must be a folder" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_gpu_check_step_runner_records_failures_timeouts_and_skips(tmp_path: Path) -> None:
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(gpu_check)
+    finally:
+        del sys.modules["gpu_check"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    check = gpu_check.Check(tmp_path, logs, budget_s=60, dry_run=True, skip={"skipped_one"})
+    py = sys.executable
+    failing = check.run("failing", [py, "-c", "print('boom'); raise SystemExit(3)"], cap_s=30)
+    assert failing.status == "FAILED" and "exit 3" in failing.detail
+    assert "boom" in (logs / "failing.log").read_text()
+    t0 = time.monotonic()
+    # the child's own child must die with it (a hung pytest worker would keep the call alive)
+    hung = check.run("hung", ["bash", "-c", "sleep 60 & sleep 60"], cap_s=1, min_s=0.5)
+    assert hung.status == "FAILED" and "timed out" in hung.detail
+    assert time.monotonic() - t0 < 20
+    assert check.run("skipped_one", [py, "-c", "pass"], cap_s=30).status == "skipped"
+    ok = check.run("fine", [py, "-c", "pass"], cap_s=30)
+    assert ok.status == "ok"
+    # compute-sanitizer verdicts: clean, errors, refused by the runtime
+    judge = gpu_check._judge_sanitizer
+    assert judge(0, "========= ERROR SUMMARY: 0 errors")[0] == "ok"
+    assert judge(3, "========= ERROR SUMMARY: 2 errors")[0] == "FAILED"
+    assert judge(1, "========= Error: Device not supported")[0] == "skipped"
+    assert judge(1, "something else")[0] == "FAILED"
+    pytest_judge = gpu_check._judge_pytest(False)
+    assert pytest_judge(0, "12 passed, 3 skipped in 4.0s")[0] == "ok"
+    assert pytest_judge(0, "15 skipped in 1.0s")[0] == "FAILED"  # nothing ran on the GPU
+    assert gpu_check._judge_pytest(True)(0, "0/10 tests collected (10 deselected)")[0] == "FAILED"

@@ -317,6 +317,45 @@ def test_cuda_many_position_tiles_and_misaligned_input(dtype, no_tf32):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_channels_last_view_at_odd_offset(dtype, no_tf32):
+    # C a multiple of 8 and channels_last_3d memory: the launcher would read x in place, but at
+    # an odd element offset its 16-byte vector loads are misaligned, so it must copy first.
+    n, c, t, h, w = 2, 16, 3, 9, 7
+    x, wt, b = _inputs(n, c, 24, (2, 3, 3), (t, h, w), device="cuda", dtype=dtype, seed=11)
+    flat = torch.empty(x.numel() + 1, device="cuda", dtype=dtype)
+    xv = flat[1:].view(n, t, h, w, c).permute(0, 4, 1, 2, 3)
+    xv.copy_(x)
+    assert xv.is_contiguous(memory_format=torch.channels_last_3d)
+    assert xv.data_ptr() % 16 != 0  # the case under test
+    ref = st_conv3d_reference(xv, wt, b, (1, 1, 1), (0, 1, 1), compute_device="cuda")
+    _poison_allocator(ref.numel() * x.element_size())
+    out = st_conv3d(xv, wt, b, (1, 1, 1), (0, 1, 1))
+    assert _rel_err(out, ref) < CUDA_TOL[dtype]
+    assert torch.equal(xv, x)  # the input view is left as it was
+
+
+@pytest.mark.cuda
+def test_cuda_slow_fusion_conv1_at_batch_256(no_tf32):
+    # The paper's slow fusion conv1 at full size and N=256, the largest layer its models run:
+    # ~3M output positions (~47k blocks), and the channel-padded input copy is 1.2 GB, so the
+    # per-clip base offsets reach 5.9e8 elements (computed in 64 bits in the kernel).
+    n, c, k, ksize, stride, thw = 256, 3, 96, (4, 11, 11), (2, 3, 3), (10, 170, 170)
+    _, w, b = _inputs(1, c, k, ksize, (4, 11, 11), device="cuda", dtype=torch.bfloat16, seed=12)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    x = torch.randn(n, c, *thw, device="cuda", generator=gen).to(torch.bfloat16)
+    out = st_conv3d(x, w, b, stride, 0)
+    assert out.shape == (n, k, 4, 54, 54)
+    # All of it against cuDNN in float32 (TF32 off), and the first and last clips against
+    # float64: an offset bug at the far end of the batch shows in the last clip.
+    ref32 = F.relu(F.conv3d(x.float(), w.float(), b.float(), stride))
+    assert _rel_err(out, ref32) < CUDA_TOL[torch.bfloat16]
+    ends = x[[0, n - 1]]
+    ref64 = st_conv3d_reference(ends, w, b, stride, 0, compute_device="cuda")
+    assert _rel_err(out[[0, n - 1]], ref64) < CUDA_TOL[torch.bfloat16]
+
+
+@pytest.mark.cuda
 def test_cuda_repeated_calls_fresh_inputs(no_tf32):
     # Fresh random inputs each call, outputs poisoned before each: a stale or partial write fails.
     for i in range(5):
