@@ -243,10 +243,41 @@ def _benchmarks(check: Check, device: str) -> None:
                   cap_s=150, min_s=15)
 
 
+def join_wheel_parts(wheels: Path) -> list[str]:
+    """Join NAME.whl.part-* into NAME.whl where NAME.whl.sha256 says they are all there.
+
+    A DALI wheel (~200 MB) is over what one device call carries (64 MiB), so it travels in
+    parts over consecutive calls (`split -b 60M W W.part-`, `sha256sum W > W.sha256`); a
+    part missing or damaged is reported, not installed. Returns one note per wheel."""
+    import hashlib
+
+    notes = []
+    for digest_file in sorted(wheels.glob("*.whl.sha256")) if wheels.is_dir() else []:
+        wheel = digest_file.with_suffix("")
+        if wheel.exists():
+            continue
+        parts = sorted(wheels.glob(wheel.name + ".part-*"))
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(part.read_bytes())
+        expected = digest_file.read_text().split()[0] if digest_file.read_text().split() else ""
+        if parts and h.hexdigest() == expected:
+            with wheel.open("wb") as f:
+                for part in parts:
+                    f.write(part.read_bytes())
+            notes.append(f"joined {len(parts)} parts into {wheel.name}")
+        else:
+            notes.append(f"{wheel.name}: {len(parts)} part(s) here do not match its sha256 "
+                         "(parts still to come, or damaged)")
+    return notes
+
+
 def _dali(check: Check) -> None:
     has_dali = subprocess.run([PY, "-c", "import nvidia.dali"], capture_output=True).returncode == 0
     wheels = Path(os.environ.get("DALI_WHEELS", ROOT / ".whl"))
     if not has_dali:
+        for note in join_wheel_parts(wheels):
+            print(f"== dali wheels: {note}", flush=True)
         found = sorted(wheels.glob("nvidia_dali_cuda*.whl")) if wheels.is_dir() else []
         if not found:
             check.steps.append(Step("dali", "skipped", 0.0,

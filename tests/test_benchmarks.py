@@ -78,6 +78,20 @@ def test_conv_minimal_run(tmp_path: Path) -> None:
 GPU_CHECK = BENCH / "gpu_check.sh"
 
 
+def _load_gpu_check():
+    """benchmarks/gpu_check.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["gpu_check"]
+    return module
+
+
 def _gpu_check(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True,
                           timeout=timeout)
@@ -133,16 +147,9 @@ def test_gpu_check_out_must_be_a_folder(tmp_path: Path) -> None:
 
 
 def test_gpu_check_step_runner_records_failures_timeouts_and_skips(tmp_path: Path) -> None:
-    import importlib.util
     import time
 
-    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = gpu_check  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(gpu_check)
-    finally:
-        del sys.modules["gpu_check"]
+    gpu_check = _load_gpu_check()
     logs = tmp_path / "logs"
     logs.mkdir()
     check = gpu_check.Check(tmp_path, logs, budget_s=60, dry_run=True, skip={"skipped_one"})
@@ -168,3 +175,18 @@ def test_gpu_check_step_runner_records_failures_timeouts_and_skips(tmp_path: Pat
     assert pytest_judge(0, "12 passed, 3 skipped in 4.0s")[0] == "ok"
     assert pytest_judge(0, "15 skipped in 1.0s")[0] == "FAILED"  # nothing ran on the GPU
     assert gpu_check._judge_pytest(True)(0, "0/10 tests collected (10 deselected)")[0] == "FAILED"
+
+
+def test_gpu_check_joins_wheel_parts_only_when_complete(tmp_path: Path) -> None:
+    import hashlib
+
+    gpu_check = _load_gpu_check()
+    data = bytes(range(256)) * 1000
+    name = "nvidia_dali_cuda130-0-py3-none-manylinux.whl"
+    (tmp_path / f"{name}.sha256").write_text(hashlib.sha256(data).hexdigest() + f"  {name}\n")
+    (tmp_path / f"{name}.part-aa").write_bytes(data[:100_000])
+    notes = gpu_check.join_wheel_parts(tmp_path)
+    assert "do not match" in notes[0] and not (tmp_path / name).exists()  # a part still missing
+    (tmp_path / f"{name}.part-ab").write_bytes(data[100_000:])
+    notes = gpu_check.join_wheel_parts(tmp_path)
+    assert "joined 2 parts" in notes[0] and (tmp_path / name).read_bytes() == data
