@@ -621,3 +621,18 @@ def test_crop_normalize_module_matches_op_and_reference():
     assert "size=170" in repr(module)
     with pytest.raises(ValueError, match="offsets"):
         module(frames, (40, 0))
+
+
+@pytest.mark.parametrize("module", [FoveaContext, CropNormalize], ids=lambda m: m.__name__)
+def test_preprocess_modules_check_arguments_when_built(module):
+    with pytest.raises(TypeError, match=r"size must be an int, got True \(bool\)"):
+        module(True)
+    with pytest.raises(TypeError, match="mean must be one float or 3 floats, got None"):
+        module(89, mean=None)
+    with pytest.raises(ValueError, match="std must be finite"):
+        module(89, std=float("nan"))
+    with pytest.raises(ValueError, match="std must be non-zero"):
+        module(89, std=(1.0, 0.0, 1.0))
+    built = module(np.int64(89), mean=np.array([1.0, 2.0, 3.0]), std=np.float32(2.0))
+    assert built.size == 89 and type(built.size) is int
+    assert built.mean == (1.0, 2.0, 3.0) and built.std == (2.0, 2.0, 2.0)
