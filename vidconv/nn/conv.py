@@ -188,11 +188,12 @@ class SpatioTemporalConv(nn.Conv3d):
         if device_type != "meta" and torch.is_autocast_enabled(device_type):
             # A custom op is not on autocast's cast lists; cast what autocast casts for conv3d.
             dtype = torch.get_autocast_dtype(device_type)
-            x, weight = _autocast(x, dtype), _autocast(weight, dtype)
+            cast_x, weight = _autocast(x, dtype), _autocast(weight, dtype)
             bias = _autocast(bias, dtype) if bias is not None else None
-            if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-                y = super().forward(x)
+            if weight.dtype != cast_x.dtype or (bias is not None and bias.dtype != cast_x.dtype):
+                y = super().forward(x)  # mixed dtypes autocast does not reconcile: F's error
                 return F.relu(y) if self.relu else y
+            x = cast_x
         y = st_conv3d(x, weight, bias, self.stride, padding, "relu" if self.relu else None)
         if x.is_contiguous() and weight.is_contiguous() and not y.is_contiguous():
             # nn.Conv3d gives contiguous output for contiguous input and weight, and code after
