@@ -585,6 +585,71 @@ def test_convert_leaves_what_it_cannot_take():
     torch.testing.assert_close(model(x), want)
 
 
+def _random_conv3d(rng: np.random.Generator) -> tuple[nn.Conv3d, torch.Tensor]:
+    """An nn.Conv3d drawn over what third-party code builds (groups, dilation, 'same', padding
+    modes, numpy arguments, float64), and an input for it (sometimes channels_last_3d)."""
+    groups = int(rng.choice([1, 1, 2, 3]))
+    cin, cout = groups * int(rng.integers(1, 4)), groups * int(rng.integers(1, 3))
+    kernel = tuple(int(v) for v in rng.integers(1, 4, size=3))
+    dilation = tuple(int(v) for v in rng.choice([1, 1, 2], size=3))
+    mode = str(rng.choice(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    if rng.random() < 0.25:
+        stride, padding = (1, 1, 1), "same"
+    else:
+        stride = tuple(int(v) for v in rng.integers(1, 4, size=3))
+        padding = tuple(int(v) for v in rng.integers(0, 2 if mode != "zeros" else 3, size=3))
+    if rng.random() < 0.5:  # as numpy-configured model code passes them
+        cin, kernel = np.int64(cin), tuple(np.int64(k) for k in kernel)
+        stride = np.array(stride)
+    dtype = torch.float64 if rng.random() < 0.3 else torch.float32
+    conv = nn.Conv3d(cin, cout, kernel, stride, padding, dilation, groups,
+                     bias=bool(rng.random() < 0.7), padding_mode=mode, dtype=dtype)
+    x = torch.randn(2, int(cin), 7, 8, 9, dtype=dtype)
+    if rng.random() < 0.3:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return conv, x
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_convert_random_conv3d_configurations_keep_meaning():
+    """Output, gradients, or the very same error as before convert(), over 50 random layers."""
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        torch.manual_seed(trial)
+        conv, x = _random_conv3d(rng)
+        model = nn.Sequential(conv, nn.ReLU()) if trial % 2 else nn.Sequential(conv)
+        original = copy.deepcopy(model)
+        try:
+            want = original(x)
+        except RuntimeError as exc:
+            with pytest.raises(RuntimeError) as got:
+                convert(model)(x)
+            assert str(got.value) == str(exc), (trial, conv)
+            continue
+        convert(model)
+        assert isinstance(model[0], SpatioTemporalConv)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out = model(x2)
+        torch.testing.assert_close(out, want, msg=f"trial {trial}: {conv}")
+        original(x1).square().sum().backward()
+        out.square().sum().backward()
+        torch.testing.assert_close(x2.grad, x1.grad)
+        for p, q in zip(model.parameters(), original.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_autocast_mixed_dtypes_fail_as_conv3d_does():
+    conv, fused = _pair(dict(in_channels=3, out_channels=4, kernel_size=3), False,
+                        dtype=torch.float64)
+    x = torch.randn(1, 3, 4, 6, 6)  # float32 input, float64 weights: autocast casts only x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError) as want:
+            conv(x)
+        with pytest.raises(RuntimeError) as got:
+            fused(x)
+    assert str(got.value) == str(want.value)
+
+
 # ------------------------------------------------------------------ preprocessing modules
 
 def _frames(n: int = 2, t: int = 3, side: int = 178) -> torch.Tensor:
