@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -348,6 +349,48 @@ def test_bad_build_arguments():
         model.set_dropout(-0.1)
     with pytest.raises(ValueError, match="num_classes"):
         model.reset_classifier(0)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(width=float("inf")), ValueError, r"width must be in \(0, 4\].*got inf"),
+    (dict(width=float("nan")), ValueError, r"width must be in \(0, 4\].*got nan"),
+    (dict(width=4.5), ValueError, r"width must be in \(0, 4\].*got 4.5"),
+    (dict(width=1e6), ValueError, "width must be in"),
+    (dict(width=-1.0), ValueError, "width must be in"),
+    (dict(width="0.25"), TypeError, r"width must be a real number, got '0.25' \(str\)"),
+    (dict(width=True), TypeError, r"width must be a real number, got True \(bool\)"),
+    (dict(multires="no"), TypeError, r"multires must be True or False, got 'no' \(str\)"),
+    (dict(multires=1), TypeError, r"multires must be True or False, got 1 \(int\)"),
+    (dict(multires=None), TypeError, "multires must be True or False, got None"),
+    (dict(num_classes=True), TypeError, r"num_classes must be an int, got True \(bool\)"),
+    (dict(num_classes=10.0), TypeError, r"num_classes must be an int, got 10.0 \(float\)"),
+    (dict(num_classes=-3), ValueError, r"num_classes must be >= 1, got -3"),
+    (dict(dropout=float("nan")), ValueError, "dropout must be a drop probability"),
+    (dict(dropout="0.5"), TypeError, r"dropout must be a real number, got '0.5'"),
+    (dict(stream=None), ValueError, "stream must be one of both, fovea, context, got None"),
+])
+def test_build_argument_errors_name_the_argument(kwargs, error, match):
+    # The checks run before any layer is built, so even absurd widths fail at once.
+    with pytest.raises(error, match=match):
+        build("single_frame", **kwargs)
+
+
+def test_build_takes_numpy_numbers():
+    model = build("single_frame", num_classes=np.int64(5), multires=np.bool_(True),
+                  width=np.float32(1 / 16), dropout=np.float64(0.25))
+    assert model.num_classes == 5 and model.multires is True
+    assert model.width == pytest.approx(1 / 16) and model.drop1.p == 0.25
+    with torch.device("meta"):
+        widest = build("late_fusion", width=4)  # the bound itself is allowed
+    assert widest.width == 4.0
+    model.reset_classifier(np.int32(3))
+    assert model.num_classes == 3
+    model.set_dropout(np.float32(0.5))
+    assert model.drop1.p == 0.5 and type(model.drop1.p) is float
+    with pytest.raises(TypeError, match="num_classes must be an int"):
+        model.reset_classifier(2.0)
+    with pytest.raises(TypeError, match="p must be a real number"):
+        model.set_dropout(None)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])

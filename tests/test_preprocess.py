@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import FLOAT_DTYPES
@@ -278,7 +279,25 @@ CLIPS = make_clips(2, 2, 20, 24)
     ((CLIPS.transpose(2, 3), 10), {}, ValueError, "clips must be contiguous"),
     (([[1]], 10), {}, TypeError, "clips must be a torch.Tensor, got list"),
     ((CLIPS, 21), {}, ValueError, r"frames must be at least size x size = 21x21, got 20x24"),
-    ((CLIPS, 0), {}, ValueError, "size must be a positive int, got 0"),
+    ((CLIPS, 0), {}, ValueError, "size must be >= 1, got 0"),
+    ((CLIPS, True), {}, TypeError, r"size must be an int, got True \(bool\)"),
+    ((CLIPS, 10.0), {}, TypeError, r"size must be an int, got 10.0 \(float\)"),
+    ((CLIPS, "10"), {}, TypeError, "size must be an int, got '10'"),
+    ((CLIPS, 2**62), {}, ValueError, "size must be <= 2147483647"),
+    ((CLIPS, 10), {"offsets": (True, 0)}, TypeError, r"offsets\[0\] must be an int, got True"),
+    ((CLIPS, 10), {"offsets": (1.5, 0)}, TypeError, r"offsets\[0\] must be an int, got 1.5"),
+    ((CLIPS, 10), {"offsets": 3}, TypeError, r"offsets must be \(y, x\) ints.*got 3 \(int\)"),
+    ((CLIPS, 10), {"flip": 1}, TypeError, r"flip must be None, a bool or a bool tensor.*\(int\)"),
+    ((CLIPS, 10), {"mean": None}, TypeError, r"mean must be one float or 3 floats, got None"),
+    ((CLIPS, 10), {"std": None}, TypeError, r"std must be one float or 3 floats, got None"),
+    ((CLIPS, 10), {"mean": "117"}, TypeError, r"mean must be one float or 3 floats, got '117'"),
+    ((CLIPS, 10), {"mean": (1.0, None, 2.0)}, TypeError, r"item 1 is None"),
+    ((CLIPS, 10), {"mean": float("nan")}, ValueError, r"mean must be finite.*nan"),
+    ((CLIPS, 10), {"mean": (0.0, float("-inf"), 0.0)}, ValueError, r"mean must be finite.*-inf"),
+    ((CLIPS, 10), {"std": float("nan")}, ValueError, r"std must be finite.*nan"),
+    ((CLIPS, 10), {"std": float("inf")}, ValueError, r"std must be finite.*inf"),
+    ((CLIPS, 10), {"std": 0}, ValueError, "std must be non-zero"),
+    ((CLIPS, 10), {"std": 1e-45}, ValueError, r"std must be non-zero with 1/std within float32"),
     ((CLIPS, 10), {"offsets": (11, 0)}, ValueError, r"offsets out of range.*0 <= y <= 10"),
     ((CLIPS, 10), {"offsets": (0, -1)}, ValueError, r"offsets out of range.*got \(0, -1\)"),
     ((CLIPS, 10), {"offsets": torch.tensor([[0, 0], [3, 15]])}, ValueError,
@@ -304,6 +323,19 @@ CLIPS = make_clips(2, 2, 20, 24)
 def test_bad_input_names_the_argument(op, args, kwargs, error, match) -> None:
     with pytest.raises(error, match=match):
         op(*args, **kwargs)
+
+
+@pytest.mark.parametrize("op", [fovea_context, crop_normalize], ids=lambda f: f.__name__)
+def test_integral_and_array_arguments_as_python_ones(op) -> None:
+    """numpy sizes and offsets, numpy/tensor mean and std, numpy bools: the same output as the
+    Python values."""
+    want = op(CLIPS, 10, offsets=(3, 5), flip=True, mean=(100.0, 110.0, 120.0), std=50.0)
+    got = op(CLIPS, np.int64(10), offsets=np.array([3, 5]), flip=np.bool_(True),
+             mean=np.array([100.0, 110.0, 120.0]), std=np.float32(50.0))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got = op(CLIPS, torch.tensor(10), offsets=(np.int32(3), 5),
+             mean=torch.tensor([100.0, 110.0, 120.0]), std=torch.tensor(50.0), flip=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_kernel_rechecks_direct_calls() -> None:

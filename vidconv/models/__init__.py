@@ -48,15 +48,19 @@ def build(
     Args:
         name: one of :func:`list_models` ("single_frame", "early_fusion", "late_fusion",
             "slow_fusion").
-        num_classes: classifier outputs (487 for Sports-1M, 101 for UCF-101).
-        multires: the fovea + context variant on two 89x89 streams.
+        num_classes: classifier outputs (487 for Sports-1M, 101 for UCF-101): an int (numpy
+            integers too), at least 1.
+        multires: the fovea + context variant on two 89x89 streams: True or False (no truthy
+            strings such as 'no').
         stream: with multires, "both", or "fovea" / "context" for the single-stream networks.
         width: scales every conv's filters and the FC widths (1.0 = the paper's; e.g. 0.25 for
-            CPU runs).
-        dropout: drop probability before fc1, fc2 and the classifier.
+            CPU runs), in ``(0, 4]``: see ``vidconv.models.videonet.MAX_WIDTH`` for why 4.
+        dropout: drop probability before fc1, fc2 and the classifier, in ``[0, 1)``.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones) or bad arguments.
+        ValueError: unknown name (the message lists the known ones) or an argument out of
+            range; TypeError: an argument of the wrong type (a bool or float num_classes, a
+            string multires or width). Messages name the argument and the value given.
     """
     arch = get_architecture(name)
     return VideoNet(arch, num_classes, multires=multires, stream=stream, width=width,

@@ -23,10 +23,16 @@ from vidconv.models.tower import (
     stage_sizes,
     without_last_pool,
 )
+from vidconv.ops._validate import expect_bool, expect_int, expect_real
 
 FULL_RES_SIZE = 170
 FULL_RES_FRAME_SIZE = 200
 IN_CHANNELS = 3
+# Widest network built: at 4x the paper's width the largest model (late fusion) has 2.0 B
+# parameters, 7.4 GiB in float32 before gradients and optimizer state (about 30 GiB with Adam),
+# which one training GPU still holds; at 8x it is 7.9 B parameters, 29 GiB for the weights
+# alone. Wider than this is a typo (width=40 for 0.40), not a model anyone can train here.
+MAX_WIDTH = 4.0
 
 _Input = torch.Tensor | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]
 
@@ -60,18 +66,20 @@ class VideoNet(nn.Module):
         dropout: float = 0.5,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if stream not in STREAMS:
+        num_classes = expect_int("num_classes", num_classes, minimum=1)
+        multires = expect_bool("multires", multires)
+        if not isinstance(stream, str) or stream not in STREAMS:
             raise ValueError(f"stream must be one of {', '.join(STREAMS)}, got {stream!r}")
         if stream != "both" and not multires:
             raise ValueError(
                 f"stream={stream!r} needs multires=True (fovea and context are the two streams "
                 "of the multiresolution models)"
             )
-        if not isinstance(width, int | float) or not width > 0:
-            raise ValueError(f"width must be a positive number, got {width!r}")
-        _check_dropout("dropout", dropout)
+        width = expect_real("width", width)
+        if not 0.0 < width <= MAX_WIDTH:
+            raise ValueError(f"width must be in (0, {MAX_WIDTH:g}] (1.0 = the paper's network), "
+                             f"got {width!r}")
+        dropout = _check_dropout("dropout", dropout)
 
         self.name = arch.name
         self.arch = arch
@@ -169,8 +177,7 @@ class VideoNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new, freshly initialised classifier for `num_classes` classes (transfer learning)."""
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = expect_int("num_classes", num_classes, minimum=1)
         old = self.classifier.weight
         self.classifier = nn.Linear(self.fc2.out_features, num_classes, device=old.device,
                                     dtype=old.dtype)
@@ -178,9 +185,9 @@ class VideoNet(nn.Module):
 
     def set_dropout(self, p: float) -> None:
         """Drop probability of drop1, drop2 and drop3 (keeping 10% of units is ``p=0.9``)."""
-        _check_dropout("p", p)
+        p = _check_dropout("p", p)
         for drop in (self.drop1, self.drop2, self.drop3):
-            drop.p = float(p)
+            drop.p = p
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -265,9 +272,12 @@ class VideoNet(nn.Module):
         return self.classifier(self.drop3(self.features(x)))
 
 
-def _check_dropout(name: str, p: object) -> None:
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p < 1.0:
+def _check_dropout(name: str, p: object) -> float:
+    """`p` as a float drop probability; TypeError for non-numbers, ValueError outside [0, 1)."""
+    value = expect_real(name, p)
+    if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a drop probability in [0, 1), got {p!r}")
+    return value
 
 
 def _init_classifier(layer: nn.Linear) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vidconv.ops import DEFAULT_MEAN, DEFAULT_STD, crop_normalize, fovea_context
+from vidconv.ops._validate import INT32_MAX, expect_int, per_channel
 
 _Offsets = torch.Tensor | Sequence[int] | None
 _Flip = torch.Tensor | bool | None
@@ -24,9 +25,10 @@ class _Preprocess(nn.Module):
         memory_format: torch.memory_format,
     ) -> None:
         super().__init__()
-        self.size = size
-        self.mean = tuple(mean) if isinstance(mean, Sequence) else float(mean)
-        self.std = tuple(std) if isinstance(std, Sequence) else float(std)
+        # Checked here too, so a bad module fails where it is built, not at its first batch.
+        self.size = expect_int("size", size, minimum=1, maximum=INT32_MAX)
+        self.mean = tuple(per_channel("mean", mean, 3))
+        self.std = tuple(per_channel("std", std, 3, nonzero=True))
         self.dtype = dtype
         self.memory_format = memory_format
 

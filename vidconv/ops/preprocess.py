@@ -7,12 +7,20 @@ each output element once, on the CPU (C++, at::parallel_for) and on CUDA.
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
-from vidconv.ops._validate import expect_dtype, expect_ndim, expect_same_device, expect_tensor
+from vidconv.ops._validate import (
+    INT32_MAX,
+    expect_dtype,
+    expect_int,
+    expect_ndim,
+    expect_same_device,
+    expect_tensor,
+    per_channel,
+)
 
 # The paper subtracts a constant 117 from every pixel (Karpathy et al. 2014, Sec. 4). It does
 # not scale; we also divide by 64 so inputs sit in about [-2, 2], which our default
@@ -24,13 +32,16 @@ _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last_3d)
 
 
-def _per_channel(name: str, value: float | Sequence[float], channels: int) -> list[float]:
-    if isinstance(value, int | float):
-        return [float(value)] * channels
-    items = [float(v) for v in value]
-    if len(items) != channels:
-        raise ValueError(f"{name} must be one float or {channels} floats, got {len(items)}")
-    return items
+def _offset_pair(offsets: object) -> tuple[int, int]:
+    """A (y, x) pair of ints given as a sequence or array; integral types as for sizes."""
+    expected = "offsets must be (y, x) ints or an (N, 2) int tensor"
+    if isinstance(offsets, str | bytes) or not isinstance(offsets, Iterable):
+        raise TypeError(f"{expected}, got {offsets!r} ({type(offsets).__name__})")
+    items = list(offsets)
+    if len(items) != 2:
+        raise ValueError(f"{expected}, got {offsets!r}")
+    y, x = (expect_int(f"offsets[{i}]", v) for i, v in enumerate(items))
+    return y, x
 
 
 def _prepare(
@@ -60,8 +71,9 @@ def _prepare(
             f"clips must be contiguous (N, T, H, W, C) (got strides {clips.stride()}); "
             "call clips.contiguous() first"
         )
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    # Integral types as nn.Conv3d takes them (numpy ints...), bools refused; the kernels index
+    # in 32 bits.
+    size = expect_int("size", size, minimum=1, maximum=INT32_MAX)
     if h < size or w < size:
         raise ValueError(f"frames must be at least size x size = {size}x{size}, got {h}x{w} "
                          f"(clips shape {tuple(clips.shape)})")
@@ -76,14 +88,7 @@ def _prepare(
         if offsets is None:
             y, x = max_y // 2, max_x // 2
         else:
-            try:
-                items = [operator.index(v) for v in offsets]
-            except TypeError:
-                items = []
-            if len(items) != 2:
-                raise ValueError(f"offsets must be (y, x) ints or an (N, 2) int tensor, "
-                                 f"got {offsets!r}")
-            y, x = items
+            y, x = _offset_pair(offsets)
             if not (0 <= y <= max_y and 0 <= x <= max_x):
                 raise ValueError(f"offsets out of range: (y, x) must satisfy 0 <= y <= {max_y} "
                                  f"and 0 <= x <= {max_x} for {h}x{w} frames and size {size}, "
@@ -114,10 +119,12 @@ def _prepare(
                     f"max y {hi_y}, max x {hi_x}"
                 )
 
-    if flip is None or isinstance(flip, bool):
+    if flip is None or isinstance(flip, bool | np.bool_):
         flips = torch.full((n,), bool(flip), dtype=torch.bool, device=clips.device)
     else:
-        expect_tensor("flip", flip)
+        if not isinstance(flip, torch.Tensor):
+            raise TypeError(f"flip must be None, a bool or a bool tensor ({n},), got {flip!r} "
+                            f"({type(flip).__name__})")
         expect_same_device("clips", clips, flip=flip)
         if flip.dtype != torch.bool:
             raise TypeError(f"flip must be a bool tensor, got {flip.dtype}")
@@ -126,10 +133,8 @@ def _prepare(
                              f"{tuple(flip.shape)}")
         flips = flip.contiguous()
 
-    mean_ = _per_channel("mean", mean, c)
-    std_ = _per_channel("std", std, c)
-    if any(s == 0.0 for s in std_):
-        raise ValueError(f"std must be non-zero, got {std_}")
+    mean_ = per_channel("mean", mean, c)
+    std_ = per_channel("std", std, c, nonzero=True)
     return clips, unbatched, off, flips, mean_, std_
 
 
@@ -155,7 +160,7 @@ def fovea_context(
     Args:
         clips: uint8 frames ``(N, T, H, W, 3)`` (or ``(T, H, W, 3)`` for one clip), contiguous,
             as decoders give them. ``H, W >= size``.
-        size: side S of both output streams.
+        size: side S of both output streams: an int (numpy integers too), not a bool.
         offsets: top-left ``(y, x)`` of the fovea in the frame: None for the centre
             (``((H - S) // 2, (W - S) // 2)``), one pair for every clip, or an int tensor
             ``(N, 2)`` (or ``(2,)``) on ``clips``' device for random crops. A tensor's values
@@ -163,7 +168,9 @@ def fovea_context(
             the CPU kernel still refuses them and the CUDA kernel clamps them into the frame.
         flip: mirror clips left-right: None/False, True for all, or a bool tensor ``(N,)``.
             A flipped clip's fovea is the mirror image of the same crop.
-        mean, std: per-channel (R, G, B) normalisation, ``(x - mean) / std``.
+        mean, std: per-channel (R, G, B) normalisation, ``(x - mean) / std``: one real number
+            or three (a sequence, array or tensor), finite in float32; std non-zero with
+            ``1 / std`` finite in float32.
         dtype: float32, float16 or bfloat16 output. Values are computed in float32 as
             ``(x - mean) * (1 / std)`` (context: ``x = sum * (1 / count)``), each step rounded
             once, then rounded to ``dtype``; CPU and CUDA give the same bits.
