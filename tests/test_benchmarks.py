@@ -71,3 +71,18 @@ def test_conv_minimal_run(tmp_path: Path) -> None:
     for layer in data["layers"]:
         assert any("single_frame" in use for use in layer["uses"])
         assert layer["fwd_ms"]["ours"] > 0 and layer["max_rel_diff"] < 1e-4  # checked before timing
+
+
+def test_loader_minimal_run_with_shards(tmp_path: Path) -> None:
+    out = tmp_path / "loader.json"
+    res = _run("loader", "--device", "cpu", "--sizes", "320x240", "--codecs", "h264",
+               "--videos", "2", "--frames", "12", "--epochs", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    backends = {r["backend"] for r in data["rows"]}
+    assert {"pyav", "shards", "shards jpeg only"} <= backends
+    assert all(r["clips_per_s"] > 0 and r["skipped"] == 0 for r in data["rows"])
+    (prep,) = data["prepare"]
+    assert prep["videos"] == 2 and prep["gb_per_hour"] > 0 and prep["realtime_per_core"] > 0
+    assert any("per core >= 300" in t["target"] for t in data["targets"])
+    assert "targets (CPU, per core)" in res.stdout  # the targets table is printed last

@@ -358,3 +358,21 @@ def test_prepare_in_a_subprocess_killed_leaves_no_index(videos: Path, tmp_path: 
                 open_source(out)
     report = prepare(videos, out, workers=1, shard_bytes=100_000)
     assert report.num_prepared == 6 and len(open_source(out)) == 6
+
+
+def test_real_world_videos_prepare_upright_and_in_order(shared_videos: Path,
+                                                        tmp_path: Path) -> None:
+    src = tmp_path / "videos" / "all"
+    src.mkdir(parents=True)
+    for p in sorted(shared_videos.iterdir()):
+        if p.suffix != ".md":
+            (src / p.name).symlink_to(p)
+    report = prepare(src.parent, tmp_path / "prep", workers=2, quality=QUALITY)
+    assert [Path(r["source"]).name for r in report.skipped] == ["corrupted.mp4"]
+    prepared = open_source(tmp_path / "prep")
+    assert len(prepared) == 6
+    for i, sample in enumerate(prepared.index["samples"]):
+        ref = decode_frames(sample["source"], None, frame_size=200).astype(np.int16)
+        got = prepared.decode_video(i).astype(np.int16)
+        assert got.shape == ref.shape, sample["source"]
+        assert np.abs(ref - got).mean() < 2.0, sample["source"]
