@@ -376,3 +376,39 @@ def test_real_world_videos_prepare_upright_and_in_order(shared_videos: Path,
         got = prepared.decode_video(i).astype(np.int16)
         assert got.shape == ref.shape, sample["source"]
         assert np.abs(ref - got).mean() < 2.0, sample["source"]
+
+
+def test_a_decoder_crash_skips_that_video_only(videos: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+    import os
+
+    from vidconv.data import prepare as prepare_module
+
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("the crashing decoder is patched in through fork")
+    real = prepare_module.prepare_video
+    victim = sorted(open_source(videos).videos, key=lambda v: v.path)[2].path
+
+    def crashing(path, *args, **kwargs):
+        if Path(path) == victim:
+            os._exit(11)  # what a segfaulting decoder looks like to the pool
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "prepare_video", crashing)
+    report = prepare(videos, tmp_path / "out", workers=2)
+    assert [(r["source"], r["reason"]) for r in report.skipped] == [
+        (str(victim), "the decoder crashed its process on this file")]
+    assert report.num_prepared == 5
+
+
+def test_resume_from_another_source_is_refused(videos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(videos, out, workers=1, on_shard=lambda p: (_ for _ in ()).throw(
+            KeyboardInterrupt), shard_bytes=1)
+    other = tmp_path / "other"
+    shutil.copytree(videos, other)
+    next(p for p in other.rglob("*.webm")).unlink()
+    with pytest.raises(ValueError, match="started from another source"):
+        prepare(other, out, workers=1)

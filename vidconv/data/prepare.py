@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,9 @@ def _finished_shards(out: Path, options: dict[str, Any]) -> tuple[list[dict[str,
         if not ok:
             table_path.unlink()
             continue
+        if table["options"].get("source") != options["source"]:
+            raise ValueError(f"{out} was started from another source (its list of videos "
+                             "differs); use the same source to resume or another OUT")
         if table["options"] != options:
             changed = [k for k in options if table["options"].get(k) != options[k]]
             raise ValueError(f"{out} was started with other options ("
@@ -216,19 +220,37 @@ def _results(todo: list[tuple[int, str, int, int, float | None]], workers: int
         for job in todo:
             yield _job(job)
         return
-    with ProcessPoolExecutor(workers) as pool:
-        pending: deque[Future] = deque()
-        jobs = iter(todo)
-        for job in jobs:
-            pending.append(pool.submit(_job, job))
-            if len(pending) >= 3 * workers:
-                break
-        while pending:
-            result = pending.popleft().result()
-            nxt = next(jobs, None)
-            if nxt is not None:
-                pending.append(pool.submit(_job, nxt))
-            yield result
+    done = 0
+    while done < len(todo):
+        try:
+            with ProcessPoolExecutor(workers) as pool:
+                pending: deque[Future] = deque()
+                jobs = iter(todo[done:])
+                for job in jobs:
+                    pending.append(pool.submit(_job, job))
+                    if len(pending) >= 3 * workers:
+                        break
+                while pending:
+                    result = pending.popleft().result()
+                    nxt = next(jobs, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(_job, nxt))
+                    done += 1
+                    yield result
+        except BrokenProcessPool:
+            # A decoder crashed its process (FFmpeg on a hostile file). Which of the jobs in
+            # flight did it is unknown: run the oldest alone; if it crashes again it is the
+            # culprit and is skipped, else the pool restarts after it.
+            yield _isolated(todo[done])
+            done += 1
+
+
+def _isolated(job: tuple[int, str, int, int, float | None]) -> dict[str, Any]:
+    try:
+        with ProcessPoolExecutor(1) as pool:
+            return pool.submit(_job, job).result()
+    except BrokenProcessPool:
+        return {"index": job[0], "reason": "the decoder crashed its process on this file"}
 
 
 def prepare(source: Any, out: str | Path, *, frame_size: int = 200, fps: float | None = None,
