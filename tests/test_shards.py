@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vidconv.clip import ClipSpec
-from vidconv.data import ClipLoader, decode_frames, open_source
+from vidconv.data import ClipLoader, DecodeError, decode_frames, open_source
 from vidconv.data.prepare import prepare
 from vidconv.data.shards import (
     PreparedSource,
@@ -243,6 +243,13 @@ def test_remote_shards_are_fetched_once_into_the_cache(prepared: Path, tmp_path:
                           cache_dir=tmp_path / "cache2")
     with pytest.raises(FileNotFoundError, match=r"exited with status 1: .*none-\d\.(tar|json)"):
         list(ClipLoader(gone, SPEC, batch_size=2, cache_bytes=0))
+    short = tmp_path / "short.tar"
+    short.write_bytes((prepared / names[0]).read_bytes()[:5000])
+    shutil.copy(prepared / names[0].replace(".tar", ".json"), tmp_path / "short.json")
+    cut = PreparedSource(prepared, shards=[short.as_uri()] + urls[1:], cache_dir=tmp_path / "c3")
+    with pytest.raises(DecodeError, match="arrived with 5000 bytes"):
+        cut.read_frames(0)
+    assert not list((tmp_path / "c3").iterdir())  # the bad copy is not kept
     with pytest.raises(ValueError, match="shards lists 1 location"):
         PreparedSource(prepared, shards=urls[:1])
 

@@ -542,6 +542,14 @@ class PreparedSource:
         if path is None:
             loc = self._shards[number]
             path = fetch(loc, self.cache_dir) if is_remote(loc) else Path(loc)
+            expected = self.index["shards"][number]["bytes"]
+            if is_remote(loc) and path.stat().st_size != expected:
+                # A transfer cut short must not become a permanently damaged cached copy:
+                # drop it, so that a later read fetches the shard again.
+                size = path.stat().st_size
+                path.unlink(missing_ok=True)
+                raise DecodeError(loc, f"shard arrived with {size} bytes, the index says "
+                                  f"{expected}; the copy was discarded")
             with self._lock:
                 self._local[number] = path
         return path
