@@ -331,6 +331,10 @@ def test_cli_prepare_then_train(videos: Path, tmp_path: Path,
     assert main(["prepare", str(videos), str(out), "--workers", "1", "--no-progress",
                  "--shard-size", "0.2"]) == 0
     assert "prepared 6 of 6 videos" in capsys.readouterr().out
+    assert main(["prepare", str(out), str(tmp_path / "again")]) == 2
+    assert "is already prepared data; give the videos" in capsys.readouterr().err
+    assert main(["prepare", str(videos), str(tmp_path / "o"), "--fps", "-1"]) == 2
+    assert "fps must be a positive number or None, got -1.0" in capsys.readouterr().err
     run = tmp_path / "run"
     assert main(["train", str(out), "--out", str(run), "--steps", "2", "--batch-size", "3",
                  "--width", "0.05", "--no-progress"]) == 0
@@ -339,6 +343,9 @@ def test_cli_prepare_then_train(videos: Path, tmp_path: Path,
                  "--no-progress", "--no-plots"]) == 0
     report = json.loads((run / "eval" / "report.json").read_text())
     assert report["num_videos"] == 6 and report["num_clips"] == 6
+    assert main(["finetune", str(run / "checkpoint.pt"), str(out), "--out", str(tmp_path / "ft"),
+                 "--steps", "1", "--batch-size", "3", "--no-progress"]) == 0
+    assert "done: 1/1 steps" in capsys.readouterr().out
 
 
 def test_prepare_in_a_subprocess_killed_leaves_no_index(videos: Path, tmp_path: Path) -> None:

@@ -54,6 +54,16 @@ Backends
     the start-up summary, logger ``vidconv.data``); :attr:`LoaderReport.backends` has it too.
     DALI (:mod:`vidconv.data.dali`) and PyAV decode the same YUV but convert to RGB and
     resize with different rounding: a few grey levels apart.
+
+Prepared data
+    A source made by ``vidconv prepare`` (:class:`vidconv.data.shards.PreparedSource`) holds
+    every video's frames already upright, cropped and resized, as JPEG: the rules above apply
+    unchanged (its videos are the source's usable ones, in the same order, with their decoded
+    frame counts), and only the frames a clip needs are read and decoded. Backends: "jpeg"
+    (CPU, simplejpeg or Pillow) for "auto" and "pyav" on the CPU; "dali-jpeg" (DALI's
+    ``fn.decoders.image``: nvJPEG on CUDA, DALI's CPU decoder for ``backend="dali"`` on the
+    CPU) when DALI imports and the device is CUDA or DALI is asked for. The spec's
+    ``frame_size`` must be the one the data was prepared with.
 """
 
 from __future__ import annotations
