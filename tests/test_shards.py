@@ -201,6 +201,15 @@ def test_truncated_and_corrupted_shards_are_skipped_by_name(prepared: Path,
     assert any("frame 5 of sample" in r and first in r and "CRC-32" in r for r in reasons)
     assert loader.report.num_skipped == 2 and len(caught) >= 2
     assert sum(b.labels.numel() for b in batches) == 4 * 24
+    middle = index["shards"][1]
+    (out / middle["table"]).write_text('{"samples": [{"key": ')
+    with pytest.warns(Warning):
+        loader = ClipLoader(out, ClipSpec((0,), 170), batch_size=32, train=False,
+                            clips_per_video=2, views=1, cache_bytes=0)
+        list(loader)
+    damaged_table = [s for s in loader.report.skipped if "frame table is damaged" in s.reason]
+    assert len(damaged_table) == middle["samples"]
+    assert all(middle["table"] in s.reason for s in damaged_table)
     (out / first).unlink()
     with pytest.raises(FileNotFoundError, match=f"shard .*{first}.* does not exist"):
         open_source(out)
@@ -285,6 +294,12 @@ def test_pillow_and_simplejpeg_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0.8 < err_pillow / err_fast < 1.25
     with pytest.raises(ValueError, match="not a decodable JPEG"):
         decode_jpeg(b"\xff\xd8 definitely not")
+    for library in ("pillow", "simplejpeg"):
+        monkeypatch.setenv("VIDCONV_JPEG", library)
+        into = np.zeros((48, 64, 3), dtype=np.uint8)
+        assert decode_jpeg(data, into) is not None and np.array_equal(into, fast)
+        with pytest.raises(ValueError, match="48x64"):
+            decode_jpeg(data, np.zeros((64, 48, 3), dtype=np.uint8))
 
 
 def _dali_or_skip() -> None:

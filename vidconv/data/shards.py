@@ -117,23 +117,37 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """A JPEG as uint8 RGB ``(H, W, 3)``.
+def decode_jpeg(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
+    """A JPEG as uint8 RGB ``(H, W, 3)``, decoded into ``out`` when given (a C-contiguous
+    uint8 array of that shape: saves a copy per frame).
 
     Raises:
-        ValueError: the bytes are not a decodable JPEG.
+        ValueError: the bytes are not a decodable JPEG, or not of ``out``'s shape.
     """
     sj = _simplejpeg()
     try:
         if sj is not None:
+            if out is not None:
+                h, w = sj.decode_jpeg_header(data)[:2]
+                if (h, w, 3) != out.shape:
+                    raise ValueError(f"image is {h}x{w}, expected {out.shape[0]}x"
+                                     f"{out.shape[1]}")
+                return sj.decode_jpeg(data, colorspace="RGB", buffer=out)
             return sj.decode_jpeg(data, colorspace="RGB")
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+            rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except Exception as exc:  # both libraries raise several kinds for corrupt data
         raise ValueError(f"not a decodable JPEG ({type(exc).__name__}: {exc})") from exc
+    if out is None:
+        return rgb
+    if rgb.shape != out.shape:
+        raise ValueError(f"not a decodable JPEG of {out.shape[0]}x{out.shape[1]} (image is "
+                         f"{rgb.shape[0]}x{rgb.shape[1]})")
+    out[...] = rgb
+    return out
 
 
 # ------------------------------------------------------------------------- shard locations
@@ -559,12 +573,13 @@ class PreparedSource:
             table = self._frame_tables.get(number)
         if table is None:
             loc = self._tables[number]
+            with open_stream(loc) as f:
+                raw = f.read()
             try:
-                with open_stream(loc) as f:
-                    raw = json.load(f)
-            except ValueError as exc:
-                raise ValueError(f"frame table {loc!r} is not valid JSON ({exc})") from exc
-            table = {s["key"]: s["frames"] for s in raw["samples"]}
+                table = {s["key"]: s["frames"] for s in json.loads(raw)["samples"]}
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DecodeError(loc, f"frame table is damaged ({type(exc).__name__}: "
+                                  f"{exc})") from exc
             with self._lock:
                 self._frame_tables[number] = table
         return table
@@ -578,7 +593,13 @@ class PreparedSource:
                 frame); FileNotFoundError: the shard is missing.
         """
         s = self._samples[index]
-        table = self._table(s["shard"])[s["key"]]
+        try:
+            table = self._table(s["shard"])[s["key"]]
+        except DecodeError as exc:
+            raise DecodeError(self.videos[index].path, exc.reason + f" ({exc.path})") from exc
+        except KeyError as exc:
+            raise DecodeError(self.videos[index].path, f"sample {s['key']} is missing from the "
+                              f"frame table {self._tables[s['shard']]}") from exc
         path = self._local_shard(s["shard"])
         wanted = range(len(table)) if frames is None else frames
         out = []
@@ -619,13 +640,9 @@ class PreparedSource:
         out = np.empty((len(blobs), self.frame_size, self.frame_size, 3), dtype=np.uint8)
         for k, data in enumerate(blobs):
             try:
-                rgb = decode_jpeg(data)
+                decode_jpeg(data, out[k])
             except ValueError as exc:
                 raise DecodeError(self.videos[index].path, f"frame {k}: {exc}") from exc
-            if rgb.shape != out.shape[1:]:
-                raise DecodeError(self.videos[index].path, f"frame {k} is {rgb.shape}, the "
-                                  f"index says {self.frame_size}x{self.frame_size}")
-            out[k] = rgb
         return out
 
 
