@@ -441,3 +441,35 @@ def test_resume_from_another_source_is_refused(videos: Path, tmp_path: Path) -> 
     next(p for p in other.rglob("*.webm")).unlink()
     with pytest.raises(ValueError, match="started from another source"):
         prepare(other, out, workers=1)
+
+
+def test_shards_split_per_node_then_per_rank(prepared: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    index = open_source(prepared).index
+    names = [s["name"] for s in index["shards"]]
+    urls = [(prepared / n).as_uri() for n in names]
+    seen: dict[str, int] = {}
+    for rank in range(4):  # 2 nodes x 2 ranks, as torchrun numbers them
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", str(rank % 2))
+        monkeypatch.setenv("GROUP_RANK", str(rank // 2))
+        monkeypatch.setenv("VIDCONV_SHARDS_PER_NODE", "1")
+        node_cache = tmp_path / f"node{rank // 2}"
+        src = PreparedSource(prepared, shards=urls, cache_dir=node_cache)
+        assert src.rank_split == (rank % 2, 2)
+        loader = ClipLoader(src, SPEC, batch_size=2, shard_id=rank, num_shards=4,
+                            cache_bytes=0)
+        assert (loader.shard_id, loader.num_shards) == (rank % 2, 2)
+        for batch in loader:
+            for i in batch.video_index.tolist():
+                key = str(src.videos[i].path)
+                seen[key] = seen.get(key, 0) + 1
+        cached = {p.name.split("-", 1)[1] for p in node_cache.iterdir()}
+        assert cached <= set(names[rank // 2::2])
+    assert sorted(seen.values()) == [1] * 6  # every video once per epoch, over all ranks
+    monkeypatch.setenv("WORLD_SIZE", "40")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="cannot be split over 40 nodes"):
+        PreparedSource(prepared)

@@ -63,7 +63,9 @@ Prepared data
     (CPU, simplejpeg or Pillow) for "auto" and "pyav" on the CPU; "dali-jpeg" (DALI's
     ``fn.decoders.image``: nvJPEG on CUDA, DALI's CPU decoder for ``backend="dali"`` on the
     CPU) when DALI imports and the device is CUDA or DALI is asked for. The spec's
-    ``frame_size`` must be the one the data was prepared with.
+    ``frame_size`` must be the one the data was prepared with. Prepared data split per node
+    (``VIDCONV_SHARDS_PER_NODE=1``) holds only this node's shards, which are split among the
+    node's ranks (its ``rank_split``) in place of ``shard_id`` / ``num_shards``.
 """
 
 from __future__ import annotations
@@ -250,6 +252,11 @@ class ClipLoader:
         self.strict = bool(strict)
         self.num_workers = num_workers
         self.shard_id, self.num_shards = _shards(shard_id, num_shards)
+        node_part = getattr(self.source, "rank_split", None)
+        if node_part is not None:
+            # Prepared data split per node holds this node's videos only: split them among
+            # the node's ranks, not among all ranks.
+            self.shard_id, self.num_shards = node_part
         self.epoch = 0
         self._lock = threading.Lock()
         self._dali: dict[str, Any] = {}

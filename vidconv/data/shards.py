@@ -20,7 +20,9 @@ for video files and decodes only the JPEG frames a clip needs (``pread`` at offs
 frame table). Shards may be local files or, with ``shards=``, URLs (``http(s)://``,
 ``file://``) or ``pipe:COMMAND`` (the command writes the shard to stdout, as in WebDataset):
 a remote shard is copied once, atomically, into a local cache the first time one of its frames
-is needed, so each rank only fetches the shards holding the videos it reads.
+is needed, so each rank only fetches the shards holding the videos it reads; with ``per_node``
+(``VIDCONV_SHARDS_PER_NODE=1``) each node of a multi-node run reads only its part of the shard
+list, split among its ranks.
 
 Damage: a shard shorter than its frame table says (a truncated copy) has every sample past the
 cut reported as skipped, naming the shard, at construction; a frame whose bytes no longer match
@@ -209,6 +211,29 @@ def split_shards(shards: Sequence[str], rank: int | None = None, world: int | No
         raise ValueError(f"{len(shards)} shard(s) cannot be split over {parts} readers "
                          f"(ranks x workers); prepare with a smaller shard size")
     return list(shards[part::parts])
+
+
+def node_layout() -> tuple[int, int, int, int]:
+    """(node, nodes, local rank, ranks per node) of this process: torch.distributed's rank and
+    world size (else ``RANK`` / ``WORLD_SIZE``), with torchrun's ``LOCAL_WORLD_SIZE``,
+    ``LOCAL_RANK`` and ``GROUP_RANK`` (the node); one node holding every rank without them.
+
+    Raises:
+        ValueError: the world size is not a multiple of the ranks per node.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local_world < 1 or world % local_world:
+        raise ValueError(f"WORLD_SIZE ({world}) must be a multiple of LOCAL_WORLD_SIZE "
+                         f"({local_world})")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank % local_world))
+    node = int(os.environ.get("GROUP_RANK", rank // local_world))
+    return node, world // local_world, local_rank, local_world
 
 
 @contextmanager
@@ -461,12 +486,19 @@ class PreparedSource:
             :func:`expand_shards`); default: beside the index, under their own names.
         cache_dir: where remote shards are copied (default ``VIDCONV_SHARD_CACHE`` or
             ``~/.cache/vidconv/shards``).
+        per_node: split the shards across nodes (default: ``VIDCONV_SHARDS_PER_NODE=1`` in the
+            environment): node ``n`` of ``N`` (see :func:`node_layout`) keeps only the videos
+            of shards ``n::N``, so it fetches and caches only those, and
+            :class:`~vidconv.data.ClipLoader` splits them among the node's ranks
+            (:attr:`rank_split`) instead of among all ranks. Every video is still visited once
+            per epoch by exactly one rank; clip parameters are drawn over the node's videos.
 
     Attributes:
         videos, classes: as for video sources, in the source's order (skipped videos left out).
         frame_size, fps, quality: the options the data was prepared with.
         skipped_at_prepare: the videos prepare could not use.
         damaged: per video index, why its bytes cannot be read (a truncated shard).
+        rank_split: with ``per_node``, ``(local rank, ranks on this node)``, else None.
 
     Raises:
         FileNotFoundError: no index, or a local shard missing; ValueError: a bad index, or a
@@ -474,7 +506,7 @@ class PreparedSource:
     """
 
     def __init__(self, location: str | Path, shards: str | Sequence[str] | None = None,
-                 cache_dir: str | Path | None = None) -> None:
+                 cache_dir: str | Path | None = None, per_node: bool | None = None) -> None:
         self.index, base = read_index(location)
         self.location = Path(str(location)) if not is_remote(str(location)) else location
         self.frame_size = int(self.index["frame_size"])
@@ -498,11 +530,25 @@ class PreparedSource:
                             for s in self._shards]
         self.cache_dir = Path(cache_dir or os.environ.get("VIDCONV_SHARD_CACHE")
                               or Path.home() / ".cache" / "vidconv" / "shards")
-        for loc in self._shards:
+        if per_node is None:
+            per_node = os.environ.get("VIDCONV_SHARDS_PER_NODE", "0") not in ("", "0")
+        mine = range(len(names))
+        self.rank_split: tuple[int, int] | None = None
+        if per_node:
+            node, nodes, local_rank, local_world = node_layout()
+            if len(names) < nodes:
+                raise ValueError(f"{len(names)} shard(s) cannot be split over {nodes} nodes; "
+                                 "prepare with a smaller shard size or unset "
+                                 "VIDCONV_SHARDS_PER_NODE")
+            mine = range(node, len(names), nodes)
+            self.rank_split = (local_rank, local_world)
+        for k in mine:
+            loc = self._shards[k]
             if not is_remote(loc) and not Path(loc).is_file():
                 raise FileNotFoundError(f"shard {loc!r} of prepared dataset {str(location)!r} "
                                         "does not exist")
-        self._samples = list(self.index["samples"])
+        keep = set(mine)
+        self._samples = [s for s in self.index["samples"] if s["shard"] in keep]
         self.videos = [VideoItem(Path(self._shard_label(s["shard"])) / s["key"], int(s["label"]))
                        for s in self._samples]
         self.damaged: dict[int, str] = {}
