@@ -346,6 +346,8 @@ def test_cli_prepare_then_train(videos: Path, tmp_path: Path,
     assert main(["prepare", str(videos), str(out), "--workers", "1", "--no-progress",
                  "--shard-size", "0.2"]) == 0
     assert "prepared 6 of 6 videos" in capsys.readouterr().out
+    assert main(["prepare", str(videos), str(videos)]) == 2  # OUT would be the videos
+    assert "holds files that are not vidconv prepare output" in capsys.readouterr().err
     assert main(["prepare", str(out), str(tmp_path / "again")]) == 2
     assert "is already prepared data; give the videos" in capsys.readouterr().err
     assert main(["prepare", str(videos), str(tmp_path / "o"), "--fps", "-1"]) == 2
@@ -473,3 +475,13 @@ def test_shards_split_per_node_then_per_rank(prepared: Path, tmp_path: Path,
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     with pytest.raises(ValueError, match="cannot be split over 40 nodes"):
         PreparedSource(prepared)
+
+
+def test_prepare_a_list_file_source(videos: Path, tmp_path: Path) -> None:
+    files = sorted(p.relative_to(videos) for p in videos.rglob("*.webm"))[:3]
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{f} {k % 2}\n" for k, f in enumerate(files)))
+    report = prepare(listing, tmp_path / "out", root=videos, workers=1)
+    src = open_source(tmp_path / "out")
+    assert report.num_prepared == 3 and src.classes == ["0", "1"]
+    assert [v.label for v in src.videos] == [0, 1, 0]

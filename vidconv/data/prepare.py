@@ -143,6 +143,15 @@ def _job(args: tuple[int, str, int, int, float | None]) -> dict[str, Any]:
     return {"index": index, "frames": frames, "fps": rate}
 
 
+def _ours(name: str) -> bool:
+    """Whether a file name in OUT is one prepare writes (so resuming never writes into, or
+    deletes from, a folder of something else, such as the videos with SRC and OUT swapped)."""
+    if name.startswith("."):
+        return name.endswith(".tmp") or name.startswith(".nfs")
+    return (name in (INDEX_NAME, SKIPPED_NAME, REPORT_NAME)
+            or (name.startswith("shard-") and name.endswith((".tar", ".json"))))
+
+
 def _fingerprint(paths: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(paths).encode()).hexdigest()
 
@@ -284,6 +293,11 @@ def prepare(source: Any, out: str | Path, *, frame_size: int = 200, fps: float |
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"OUT {str(out)!r} exists and is not a folder")
+    if out.is_dir():
+        strangers = [p.name for p in out.iterdir() if not _ours(p.name)]
+        if strangers:
+            raise ValueError(f"OUT {str(out)!r} holds files that are not vidconv prepare "
+                             f"output (e.g. {strangers[0]!r}); give an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
     workers = workers or max(1, os.cpu_count() or 1)
     paths = [str(v.path) for v in src.videos]
