@@ -485,3 +485,15 @@ def test_prepare_a_list_file_source(videos: Path, tmp_path: Path) -> None:
     src = open_source(tmp_path / "out")
     assert report.num_prepared == 3 and src.classes == ["0", "1"]
     assert [v.label for v in src.videos] == [0, 1, 0]
+
+
+def test_the_webdataset_package_reads_the_shards(prepared: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    urls = sorted(str(p) for p in prepared.glob("shard-*.tar"))
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    index = open_source(prepared).index["samples"]
+    assert [s["__key__"] for s in samples] == [s["key"] for s in index]
+    first = samples[0]
+    assert first["json"]["num_frames"] == 24 and first["json"]["class"]
+    frames = sorted(k for k in first if k.endswith(".jpg"))
+    assert len(frames) == 24 and first[frames[0]].shape == (200, 200, 3)
