@@ -33,7 +33,8 @@ naming shard, sample and frame (the loader skips and reports it). A missing shar
 JPEG decoding on the CPU uses simplejpeg when it is installed (libjpeg-turbo with little
 per-call overhead: about 2x Pillow's frames/s for 200x200 frames here), else Pillow (also
 libjpeg-turbo); ``VIDCONV_JPEG=pillow`` forces Pillow. Both are libjpeg-turbo with the same
-default IDCT and upsampling, so they give the same pixels. With DALI present, the loader can
+default IDCT and upsampling, so they give the same pixels, and both release the GIL while
+decoding, so the loader's worker threads decode in parallel. With DALI present, the loader can
 decode on the GPU (``fn.decoders.image(device="mixed")``, nvJPEG) instead: see
 :class:`DaliJpegDecoder`.
 """
