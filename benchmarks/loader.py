@@ -1,23 +1,36 @@
-"""Loader throughput: clips/s for decode + preprocess of 10-frame clips (issue 7's benchmark).
+"""Loader throughput: clips/s for decode + preprocess of 10-frame clips, from videos and from
+prepared shards, and what preparing costs.
 
 The script writes its own videos with PyAV (H.264 mp4 and VP9 webm at 320x240, 640x360 and
 1280x720), then times `vidconv.data.ClipLoader` in training mode on them: one random 10-frame
 clip per video per epoch (slow fusion's input: frames resized to 200x200, random 170x170 crop
 and flip, normalised), with the whole-video cache off so every clip is decoded. Rows:
 
-  pyav       PyAV in the iterating thread (FFmpeg may add its own decoder threads for
-             frames of 640x360 and up)
-  pyav xN    PyAV with N worker threads (N = the CPU cores available)
-  dali-cpu   DALI's CPU decoder (VP8/VP9/MJPEG only), when DALI is installed
-  dali-gpu   NVDEC through DALI, output and preprocessing on the GPU, when CUDA and DALI are
+  pyav            PyAV in the iterating thread (FFmpeg may add its own decoder threads for
+                  frames of 640x360 and up)
+  pyav xN         PyAV with N worker threads (N = the CPU cores available)
+  dali-cpu        DALI's CPU decoder (VP8/VP9/MJPEG only), when DALI is installed
+  dali-gpu        NVDEC through DALI, output and preprocessing on the GPU, when CUDA and DALI are
+  shards          the same videos after `vidconv prepare` (JPEG frames in tar shards), JPEG
+                  decoded on the CPU in the iterating thread (simplejpeg, else Pillow)
+  shards xN       the same with N worker threads
+  shards dali-gpu JPEG decoded by DALI (nvJPEG) on the GPU, when CUDA and DALI are
+  shards jpeg only  reading, CRC-checking and decoding the clips' JPEG frames alone (no
+                  batching, no preprocessing): the shards' share of the "shards" row
 
 "cores busy" is process CPU time over wall time while a row ran: the CPU cores that row kept
-busy. "vs pyav" is clips/s over the single-thread PyAV row of the same source (the baseline).
-Times are wall-clock over whole epochs after one warm-up epoch, on the device named in the
-JSON; CPU rows are never GPU numbers.
+busy; "clips/s/core" is clips/s over cores busy. "vs pyav" is clips/s over the single-thread
+PyAV row of the same source (the baseline). Times are wall-clock over whole epochs after one
+warm-up epoch, on the device named in the JSON; CPU rows are never GPU numbers.
+
+Preparing is timed too (one worker process per source, so per core): seconds of video prepared
+per CPU second ("x real time / core") and the shards' size per hour of video. The last table
+checks the targets: shards >= 10x the per-core clips/s of decoding 640x360 H.264, >= 300
+clips/s per core end to end, prepare >= 10x real time per core on 640x360.
 
     python benchmarks/loader.py --quick           # small files, few clips (about a minute)
     python benchmarks/loader.py --videos 8 --frames 150 --epochs 4
+    python benchmarks/loader.py --sources shards --sizes 640x360 --codecs h264
 """
 
 from __future__ import annotations
@@ -39,8 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 from vidconv.clip import ClipSpec  # noqa: E402
-from vidconv.data import ClipLoader, VideoFolder  # noqa: E402
+from vidconv.data import ClipLoader, open_source  # noqa: E402
 from vidconv.data.dali import CPU_CODECS, dali_available  # noqa: E402
+from vidconv.data.prepare import prepare  # noqa: E402
+from vidconv.data.shards import jpeg_library  # noqa: E402
 
 SIZES = {"320x240": (320, 240), "640x360": (640, 360), "1280x720": (1280, 720)}
 CODECS = {"h264": ("libx264", "mp4", {"preset": "ultrafast"}),
@@ -83,7 +98,7 @@ def make_dataset(root: Path, codec: str, size: str, videos: int, frames: int) ->
 def run_row(folder: Path, device: torch.device, backend: str, workers: int, batch: int,
             epochs: int) -> dict[str, Any]:
     """clips/s and cores busy for one loader configuration (first epoch is a warm-up)."""
-    loader = ClipLoader(VideoFolder(folder), SPEC, batch_size=batch, train=True, device=device,
+    loader = ClipLoader(open_source(folder), SPEC, batch_size=batch, train=True, device=device,
                         backend=backend, num_workers=workers, cache_bytes=0)
     for _ in loader:  # warm-up: DALI pipeline build, file cache, first allocations
         pass
@@ -100,7 +115,44 @@ def run_row(folder: Path, device: torch.device, backend: str, workers: int, batc
     usage1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
     return {"clips": clips, "clips_per_s": clips / wall, "cores_busy": cpu / wall,
+            "clips_per_s_per_core": clips / cpu if cpu > 0 else None,
             "skipped": loader.report.num_skipped}
+
+
+def time_jpeg_only(prepared: Path, epochs: int) -> dict[str, Any]:
+    """The shards' share of a clip: reading, checking and decoding its 10 JPEG frames (the
+    training clips of ``epochs`` epochs), without batching or preprocessing."""
+    loader = ClipLoader(open_source(prepared), SPEC, batch_size=1, train=True, cache_bytes=0)
+    source, offsets = loader.source, SPEC.frame_offsets
+    clips = 0
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for item in loader.items():
+            source.decode_video(item.video, [item.start + o for o in offsets])
+            clips += 1
+    wall = time.perf_counter() - t0
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    return {"clips": clips, "clips_per_s": clips / wall, "cores_busy": cpu / wall,
+            "clips_per_s_per_core": clips / cpu if cpu > 0 else None, "skipped": 0}
+
+
+def time_prepare(folder: Path, out: Path, quality: int) -> dict[str, Any]:
+    """Prepare a source with one worker (in this process, so its CPU time is measured)."""
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    report = prepare(folder, out, workers=1, quality=quality)
+    wall = time.perf_counter() - t0
+    usage1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    return {"videos": report.num_prepared, "video_seconds": report.video_seconds,
+            "wall_s": wall, "cpu_s": cpu, "realtime": report.video_seconds / wall,
+            "realtime_per_core": report.video_seconds / cpu if cpu > 0 else None,
+            "bytes": size, "gb_per_hour": size / 1e9 * 3600 / report.video_seconds,
+            "jpeg": report.jpeg, "quality": quality}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="clips per batch (default 8)")
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
+    p.add_argument("--sources", nargs="+", default=["videos", "shards"],
+                   choices=["videos", "shards"], help="read the videos, prepared shards, or both")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the shards")
+    p.add_argument("--dataset", default=None,
+                   help="also time a real dataset (folder DATA/<class>/<video>): the synthetic "
+                        "texture is a worst case for JPEG and H.264 alike")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="intra-op threads for preprocessing (default 1: per-core figures; "
+                        "the loader's worker threads are the parallelism)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     p.add_argument("--workers", type=int, default=None,
                    help="threads of the multi-threaded PyAV row (default: CPU cores)")
@@ -121,18 +182,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.videos, args.frames, args.epochs = 3, 40, 3
     device = _common.resolve_device(args.device)
+    torch.set_num_threads(max(1, args.torch_threads))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = args.workers or cores or 1
     has_dali = dali_available()
 
     configs = []
-    for size in args.sizes:
-        for codec in args.codecs:
-            rows = [("pyav", "pyav", 0), (f"pyav x{workers}", "pyav", workers)]
-            if has_dali and codec in CPU_CODECS:
-                rows.append(("dali-cpu", "dali", 0))
-            if has_dali and device.type == "cuda":
-                rows.append(("dali-gpu", "dali", 0))
+    keys = [(size, codec) for size in args.sizes for codec in args.codecs]
+    if args.dataset:
+        keys.append((Path(args.dataset).name, "as found"))
+    for size, codec in keys:
+        if True:
+            rows = []
+            if "videos" in args.sources:
+                rows += [("pyav", "pyav", 0), (f"pyav x{workers}", "pyav", workers)]
+                if has_dali and codec in CPU_CODECS:  # a --dataset may hold any codec
+                    rows.append(("dali-cpu", "dali", 0))
+                if has_dali and device.type == "cuda":
+                    rows.append(("dali-gpu", "dali", 0))
+            if "shards" in args.sources:
+                rows += [("shards", "auto", 0), (f"shards x{workers}", "auto", workers),
+                         ("shards jpeg only", "jpeg-only", 0)]
+                if has_dali and device.type == "cuda":
+                    rows.append(("shards dali-gpu", "auto", 0))
             configs += [(size, codec, *r) for r in rows]
 
     results: list[dict[str, Any]] = []
@@ -143,17 +215,31 @@ def main(argv: list[str] | None = None) -> int:
             for codec in args.codecs:
                 folders[size, codec] = make_dataset(Path(tmp), codec, size, args.videos,
                                                     args.frames)
+        if args.dataset:
+            folders[keys[-1]] = Path(args.dataset)
+        preps: dict[tuple[str, str], dict[str, Any]] = {}
+        if "shards" in args.sources:
+            for size, codec in _common.progress(keys, desc="preparing"):
+                out = Path(tmp) / f"{codec}-{size}-prepared"
+                preps[size, codec] = time_prepare(folders[size, codec], out, args.quality)
         base: dict[tuple[str, str], float] = {}
         for size, codec, name, backend, nw in _common.progress(configs, desc="timing"):
-            dev = device if name == "dali-gpu" else torch.device("cpu")
+            dev = device if name.endswith("dali-gpu") else torch.device("cpu")
+            folder = folders[size, codec]
+            if name.startswith("shards"):
+                folder = Path(tmp) / f"{codec}-{size}-prepared"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # DALI's own notices
-                row = run_row(folders[size, codec], dev, backend, nw, args.batch, args.epochs)
+                if backend == "jpeg-only":
+                    row = time_jpeg_only(folder, args.epochs)
+                else:
+                    row = run_row(folder, dev, backend, nw, args.batch, args.epochs)
             if name == "pyav":
                 base[size, codec] = row["clips_per_s"]
+            ref = base.get((size, codec))
             results.append({"source": size, "codec": codec, "backend": name, "device": str(dev),
                             "workers": nw, **row,
-                            "vs_pyav": row["clips_per_s"] / base[size, codec]})
+                            "vs_pyav": row["clips_per_s"] / ref if ref else None})
     payload = {"spec": {"frames": SPEC.frames, "size": SPEC.size, "frame_size": SPEC.frame_size},
                "videos": args.videos, "frames_per_video": args.frames, "epochs": args.epochs,
                "batch": args.batch, "cores_available": cores, "dali": has_dali,
@@ -161,16 +247,58 @@ def main(argv: list[str] | None = None) -> int:
                # Other processes compete for the cores on a shared machine; say how busy it was.
                "load_average_before": load_before,
                "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-               "rows": results}
+               "rows": results, "jpeg": jpeg_library(),
+               "prepare": [{"source": k[0], "codec": k[1], **v} for k, v in preps.items()],
+               "targets": targets(results, preps)}
     path = _common.write_json("loader", payload, path=args.out, device=device)
     print(f"wrote {path}")
+    if preps:
+        _common.print_table(
+            [{"source": k[0], "codec": k[1], "videos": v["videos"],
+              "video s": v["video_seconds"], "x real time": v["realtime"],
+              "x real time / core": v["realtime_per_core"], "GB / hour": v["gb_per_hour"]}
+             for k, v in preps.items()],
+            title=f"vidconv prepare, one worker, JPEG q{args.quality} by {jpeg_library()}")
     _common.print_table(
         [{"source": r["source"], "codec": r["codec"], "backend": r["backend"],
           "device": r["device"], "clips/s": r["clips_per_s"], "cores busy": r["cores_busy"],
-          "vs pyav": r["vs_pyav"]} for r in results],
+          "clips/s/core": r["clips_per_s_per_core"], "vs pyav": r["vs_pyav"]}
+         for r in results],
         title=f"10-frame clips, decode + preprocess ({_common.device_name(device)}, "
               f"{cores} cores available)")
+    if payload["targets"]:
+        _common.print_table(payload["targets"], title="targets (CPU, per core)")
     return 0
+
+
+def targets(results: list[dict[str, Any]], preps: dict[tuple[str, str], dict[str, Any]]
+            ) -> list[dict[str, Any]]:
+    """The issue's per-core targets, measured where this run has the rows for them."""
+    def per_core(source: str, codec: str, backend: str) -> float | None:
+        for r in results:
+            if (r["source"], r["codec"], r["backend"], r["device"]) == (source, codec, backend,
+                                                                        "cpu"):
+                return r["clips_per_s_per_core"]
+        return None
+
+    out = []
+    video = per_core("640x360", "h264", "pyav")
+    same = per_core("640x360", "h264", "shards")
+    shards = [r["clips_per_s_per_core"] for r in results
+              if r["backend"] == "shards" and r["clips_per_s_per_core"]]
+    best = max(shards) if shards else None
+    if video and same:
+        out.append({"target": "shards / 640x360 H.264 clips/s per core >= 10 (same videos)",
+                    "measured": same / video, "met": same / video >= 10})
+    if best:
+        out.append({"target": "shards clips/s per core >= 300", "measured": best,
+                    "met": best >= 300})
+    prep = preps.get(("640x360", "h264"))
+    if prep and prep["realtime_per_core"]:
+        out.append({"target": "prepare 640x360 H.264 x real time per core >= 10",
+                    "measured": prep["realtime_per_core"],
+                    "met": prep["realtime_per_core"] >= 10})
+    return out
 
 
 if __name__ == "__main__":

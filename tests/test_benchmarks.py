@@ -190,3 +190,18 @@ def test_gpu_check_joins_wheel_parts_only_when_complete(tmp_path: Path) -> None:
     (tmp_path / f"{name}.part-ab").write_bytes(data[100_000:])
     notes = gpu_check.join_wheel_parts(tmp_path)
     assert "joined 2 parts" in notes[0] and (tmp_path / name).read_bytes() == data
+
+
+def test_loader_minimal_run_with_shards(tmp_path: Path) -> None:
+    out = tmp_path / "loader.json"
+    res = _run("loader", "--device", "cpu", "--sizes", "320x240", "--codecs", "h264",
+               "--videos", "2", "--frames", "12", "--epochs", "1", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    backends = {r["backend"] for r in data["rows"]}
+    assert {"pyav", "shards", "shards jpeg only"} <= backends
+    assert all(r["clips_per_s"] > 0 and r["skipped"] == 0 for r in data["rows"])
+    (prep,) = data["prepare"]
+    assert prep["videos"] == 2 and prep["gb_per_hour"] > 0 and prep["realtime_per_core"] > 0
+    assert any("per core >= 300" in t["target"] for t in data["targets"])
+    assert "targets (CPU, per core)" in res.stdout  # the targets table is printed last

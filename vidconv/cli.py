@@ -5,6 +5,7 @@
     vidconv finetune runs/sf/checkpoint.pt UCF_DATA --mode top3 --keep-prob 0.1 --out runs/ft
     vidconv compare runs/sf/eval/report.json runs/slow/eval/report.json --names single slow
     vidconv baseline ...        (the feature-histogram baseline, vidconv.baselines)
+    vidconv prepare VIDEOS prepared/  (decode once into JPEG tar shards; train on prepared/)
 
 Multi-process training: ``torchrun --nproc_per_node 8 -m vidconv train ...``.
 """
@@ -140,8 +141,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for compare.json and compare.png")
     p.set_defaults(func=cmd_compare)
 
+    _add_prepare(sub)
     _add_baseline(sub)
     return parser
+
+
+def _add_prepare(sub: Any) -> None:
+    p = sub.add_parser(
+        "prepare", help="decode a video dataset once into JPEG-frame tar shards",
+        description="Decode every video of SRC once (upright, centre square, resized as the "
+                    "loader does) and write WebDataset tar shards of JPEG frames plus an index "
+                    "to OUT; train/evaluate/finetune then read OUT like a video dataset. Bad "
+                    "videos are skipped and listed in OUT/report.json; running the same command "
+                    "again resumes a killed prepare.")
+    p.add_argument("src", help="video dataset folder (SRC/<class>/<video>) or a list file")
+    p.add_argument("out", help="output folder (index.json, shard-NNNNNN.tar, report.json)")
+    p.add_argument("--root", default=None, help="video root for a list file")
+    p.add_argument("--frame-size", type=int, choices=(200, 178), default=200,
+                   help="200 for full-resolution models, 178 for multiresolution ones")
+    p.add_argument("--fps", type=float, default=None,
+                   help="keep about this many frames per second (default: every frame)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality 1-100 (default 90)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="decoding processes (default: the CPU count)")
+    p.add_argument("--shard-size", type=float, default=1024.0, metavar="MB",
+                   help="close a shard once it holds this many MiB (default 1024)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from vidconv.data.prepare import prepare
+
+    if not args.shard_size > 0:
+        return _fail(f"--shard-size must be a positive number of MiB, got {args.shard_size}")
+    try:
+        report = prepare(args.src, args.out, frame_size=args.frame_size, fps=args.fps,
+                         quality=args.quality, workers=args.workers, root=args.root,
+                         shard_bytes=max(1, int(args.shard_size * (1 << 20))),
+                         progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"vidconv: prepare interrupted; finished shards are kept in {args.out}, run the "
+              "same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        where = exc.filename or args.out
+        return _fail(f"{where}: {exc.strerror or exc}")
+    print(f"prepared {report.num_prepared} of {report.num_videos} videos "
+          f"({report.resumed_videos} from an earlier run) into {report.num_shards} shard(s), "
+          f"{report.num_skipped} skipped; {report.realtime_factor:.1f}x real time, "
+          f"JPEG by {report.jpeg}")
+    for row in report.skipped:
+        print(f"skipped {row['source']}: {row['reason']}")
+    print(f"index: {Path(args.out) / 'index.json'}")
+    return 0
 
 
 def _add_baseline(sub: Any) -> None:

@@ -7,6 +7,9 @@
   with vidconv's fused ops on the target device, sharded across ranks, bad files skipped and
   reported (see :mod:`vidconv.data.loader` for the exact rules).
 - :mod:`vidconv.data.synthetic`: small labelled datasets of real encoded videos.
+- :func:`vidconv.data.prepare.prepare` (``vidconv prepare``): videos decoded once into
+  WebDataset tar shards of JPEG frames; :class:`PreparedSource` reads them back through
+  :func:`open_source`, with the same clip rules (:mod:`vidconv.data.shards`).
 """
 
 from vidconv.data.decode import DecodeError, VideoInfo, decode_frames, probe
@@ -18,6 +21,7 @@ from vidconv.data.loader import (
     LoaderReport,
     SkippedVideo,
 )
+from vidconv.data.shards import PreparedSource
 from vidconv.data.sources import (
     VIDEO_EXTENSIONS,
     VideoFolder,
@@ -35,6 +39,7 @@ __all__ = [
     "ClipLoader",
     "DecodeError",
     "LoaderReport",
+    "PreparedSource",
     "SkippedVideo",
     "VideoFolder",
     "VideoInfo",

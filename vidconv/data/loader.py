@@ -54,6 +54,18 @@ Backends
     the start-up summary, logger ``vidconv.data``); :attr:`LoaderReport.backends` has it too.
     DALI (:mod:`vidconv.data.dali`) and PyAV decode the same YUV but convert to RGB and
     resize with different rounding: a few grey levels apart.
+
+Prepared data
+    A source made by ``vidconv prepare`` (:class:`vidconv.data.shards.PreparedSource`) holds
+    every video's frames already upright, cropped and resized, as JPEG: the rules above apply
+    unchanged (its videos are the source's usable ones, in the same order, with their decoded
+    frame counts), and only the frames a clip needs are read and decoded. Backends: "jpeg"
+    (CPU, simplejpeg or Pillow) for "auto" and "pyav" on the CPU; "dali-jpeg" (DALI's
+    ``fn.decoders.image``: nvJPEG on CUDA, DALI's CPU decoder for ``backend="dali"`` on the
+    CPU) when DALI imports and the device is CUDA or DALI is asked for. The spec's
+    ``frame_size`` must be the one the data was prepared with. Prepared data split per node
+    (``VIDCONV_SHARDS_PER_NODE=1``) holds only this node's shards, which are split among the
+    node's ranks (its ``rank_split``) in place of ``shard_id`` / ``num_shards``.
 """
 
 from __future__ import annotations
@@ -75,6 +87,7 @@ import torch
 
 from vidconv.clip import ClipSpec
 from vidconv.data.decode import DecodeError, VideoInfo, decode_frames, probe
+from vidconv.data.shards import PREPARED_CODEC
 from vidconv.data.sources import open_source
 
 log = logging.getLogger("vidconv.data")
@@ -239,6 +252,11 @@ class ClipLoader:
         self.strict = bool(strict)
         self.num_workers = num_workers
         self.shard_id, self.num_shards = _shards(shard_id, num_shards)
+        node_part = getattr(self.source, "rank_split", None)
+        if node_part is not None:
+            # Prepared data split per node holds this node's videos only: split them among
+            # the node's ranks, not among all ranks.
+            self.shard_id, self.num_shards = node_part
         self.epoch = 0
         self._lock = threading.Lock()
         self._dali: dict[str, Any] = {}
@@ -267,7 +285,16 @@ class ClipLoader:
     def _probe_all(self) -> None:
         videos = self.source.videos
         threads = max(1, min(8, os.cpu_count() or 1, len(videos)))
-        if threads > 1:
+        prepared = getattr(self.source, "probe_video", None)  # vidconv prepare output
+        if prepared is not None:
+            if self.source.frame_size != self.spec.frame_size:
+                raise ValueError(f"prepared data {self.source.location} has "
+                                 f"{self.source.frame_size}px frames, the clip spec needs "
+                                 f"frame_size "
+                                 f"{self.spec.frame_size}; run vidconv prepare --frame-size "
+                                 f"{self.spec.frame_size}")
+            results = [prepared(i) for i in range(len(videos))]
+        elif threads > 1:
             with ThreadPoolExecutor(threads) as pool:
                 results = list(pool.map(_try_probe, [v.path for v in videos]))
         else:
@@ -295,6 +322,10 @@ class ClipLoader:
             self._backend_of[index] = chosen
 
     def _choose_backend(self, codec: str, dali_ok: bool) -> str | None:
+        if codec == PREPARED_CODEC:
+            # JPEG frames: DALI's nvJPEG on CUDA, or DALI's CPU decoder when asked for.
+            use_dali = dali_ok and (self.device.type == "cuda" or self.backend == "dali")
+            return "dali-jpeg" if use_dali else "jpeg"
         if self.backend == "pyav" or not dali_ok:
             return "pyav"
         from vidconv.data.dali import CPU_CODECS, GPU_CODECS
@@ -385,6 +416,11 @@ class ClipLoader:
         info = self._infos[index]
         path = self.source.videos[index].path
         backend = self._backend_of[index]
+        if backend in ("jpeg", "dali-jpeg"):
+            out = self.source.decode_video(index, frames, device=None if backend == "jpeg"
+                                           else self.device)
+            return out.numpy() if isinstance(out, torch.Tensor) and out.device.type == "cpu" \
+                else out
         if backend == "pyav":
             threads = 1 if self.num_workers > 1 or info.width * info.height < 640 * 360 else 0
             return decode_frames(path, frames, frame_size=self.spec.frame_size, info=info,

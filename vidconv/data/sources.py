@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
@@ -191,9 +192,23 @@ class VideoList(_Source):
         return self.list_file
 
 
+def _is_prepared(location: Any) -> bool:
+    """Whether ``location`` is ``vidconv prepare`` output: a folder with an index.json or
+    shards, an index.json, or a URL / ``pipe:`` command (which only prepared data can be)."""
+    text = str(location)
+    if text.startswith(("http://", "https://", "file://", "pipe:")):
+        return True
+    path = Path(text)
+    if path.is_dir():
+        return (path / "index.json").is_file() or any(path.glob("shard-*.tar"))
+    return path.name == "index.json" and path.is_file()
+
+
 def open_source(path_or_list: str | Path | _Source, root: str | Path | None = None) -> _Source:
     """A dataset as a source: a folder is a :class:`VideoFolder`, a file a :class:`VideoList`
-    (``root`` = its video root). A source object is returned as it is.
+    (``root`` = its video root), ``vidconv prepare`` output (its folder, index.json, or a URL /
+    ``pipe:`` command giving the index) a :class:`vidconv.data.shards.PreparedSource`. A source
+    object is returned as it is.
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -201,6 +216,13 @@ def open_source(path_or_list: str | Path | _Source, root: str | Path | None = No
     """
     if isinstance(path_or_list, _Source) or hasattr(path_or_list, "videos"):
         return path_or_list  # type: ignore[return-value]
+    if _is_prepared(path_or_list):
+        from vidconv.data.shards import PreparedSource
+
+        if root is not None:
+            raise ValueError(f"root is only for list files; {str(path_or_list)!r} is prepared "
+                             f"data (vidconv prepare output), got root={str(root)!r}")
+        return PreparedSource(path_or_list)  # type: ignore[return-value]
     path = Path(path_or_list)
     if path.is_dir():
         if root is not None and Path(root).resolve() != path.resolve():
