@@ -36,7 +36,9 @@ def _build_tools_problem(commands: list[str], find_spec=None) -> str | None:
         except (ImportError, ValueError):  # a parent package that is not there
             return False
 
-    wheel_commands = ("bdist_wheel", "editable_wheel")  # pip install, pip install -e
+    # pip install runs dist_info (which calls bdist_wheel in old setuptools) and bdist_wheel;
+    # pip install -e runs editable_wheel
+    wheel_commands = ("dist_info", "bdist_wheel", "editable_wheel")
     problems = []
     if not has("torch"):
         problems.append("torch is not installed here; the extension is compiled against the "

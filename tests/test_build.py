@@ -146,7 +146,7 @@ def _hiding(*missing: str):
     return find_spec
 
 
-@pytest.mark.parametrize("command", ["bdist_wheel", "editable_wheel"])
+@pytest.mark.parametrize("command", ["dist_info", "bdist_wheel", "editable_wheel"])
 def test_setup_names_the_missing_wheel_tool(command: str) -> None:
     problem = _load_setup_functions()["_build_tools_problem"]
     old_setuptools = _hiding("wheel", "setuptools.command.bdist_wheel")
