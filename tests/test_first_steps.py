@@ -260,3 +260,22 @@ def test_dropout_and_keep_prob_are_two_spellings(command: str, dest: str,
     out = _help(command, capsys)
     assert "--dropout P" in out and "--keep-prob Q" in out
     assert "DROPPING" in out and "KEEPING" in out and "--keep-prob 1-P" in out
+
+
+# ------------------------------------------------------------------------------------------
+# The README's commands are commands this parser takes
+# ------------------------------------------------------------------------------------------
+
+def test_readme_first_steps_are_valid_commands() -> None:
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [shlex.split(line, comments=True)[1:] for line in readme.splitlines()
+                if line.startswith("vidconv ")]
+    assert [c[0] for c in commands[:3]] == ["synth", "train", "evaluate"]  # the first steps
+    synth, train, evaluate = commands[:3]
+    out = Path(synth[1])
+    assert train[1] == str(out / "train") and evaluate[2] == str(out / "test")
+    assert evaluate[1] == train[train.index("--out") + 1]  # evaluates the run it trained
+    for argv in commands:
+        build_parser().parse_args(argv)  # exits 2 on anything the parser does not take
