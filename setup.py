@@ -13,11 +13,48 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def _build_tools_problem(commands: list[str], find_spec=None) -> str | None:
+    """What this environment lacks to run setup.py `commands`, as a message saying how to get
+    it, or None. `pip install --no-build-isolation` builds with the environment's own tools,
+    where an old setuptools without the wheel package fails with a bare "invalid command
+    'bdist_wheel'" (setuptools ships the command itself from 70.1 on)."""
+    import importlib.util
+
+    find_spec = find_spec or importlib.util.find_spec
+
+    def has(name: str) -> bool:
+        try:
+            return find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package that is not there
+            return False
+
+    # pip install runs dist_info (which calls bdist_wheel in old setuptools) and bdist_wheel;
+    # pip install -e runs editable_wheel
+    wheel_commands = ("dist_info", "bdist_wheel", "editable_wheel")
+    problems = []
+    if not has("torch"):
+        problems.append("torch is not installed here; the extension is compiled against the "
+                        "torch it will run with, so install that first (e.g. pip install "
+                        "torch==2.13.0 for the CPU build)")
+    if any(c in wheel_commands for c in commands) and not (
+            has("setuptools.command.bdist_wheel") or has("wheel")):
+        import setuptools
+
+        problems.append(f"setuptools {setuptools.__version__} has no bdist_wheel command and "
+                        "the wheel package is not installed: pip install \"setuptools>=70\" "
+                        "wheel")
+    if not problems:
+        return None
+    return ("vidconv: cannot build in this environment (pip's --no-build-isolation uses its "
+            "packages as the build tools):\n  - " + "\n  - ".join(problems))
 
 
 def _cxx_standard() -> str:
@@ -127,4 +164,7 @@ def _cmdclass() -> dict:
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+_problem = _build_tools_problem(sys.argv[1:])
+if _problem is not None:
+    raise SystemExit(_problem)
 setup(ext_modules=_extensions(), cmdclass=_cmdclass())

@@ -142,6 +142,68 @@ def matmul_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat1
     return 2 * n**3 / (t["median_ms"] * 1e-3) / 1e12
 
 
+def _ceiling_kernels(device: torch.device, dtype: torch.dtype, quick: bool
+                     ) -> list[tuple[str, float, Callable[[], Any]]]:
+    """(name, FLOPs, run) of the dense kernels a ceiling is the best of: square and
+    im2col-shaped matmuls, and a large 3D convolution in the layout the models use (oneDNN /
+    cuDNN may run it faster than any one GEMM of the BLAS library)."""
+    cuda = device.type == "cuda"
+    if quick:
+        squares, tall, conv = (256,), (1024, 128, 256), (1, 16, 2, 16, 16, 32)
+    elif cuda:
+        squares, tall, conv = (4096, 8192), (65536, 1024, 2048), (32, 96, 10, 27, 27, 256)
+    else:
+        squares, tall, conv = (1024,), (4096, 256, 1024), (2, 96, 4, 27, 27, 256)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g)
+
+    kernels = []
+    for n in squares:
+        a, b = rand(n, n), rand(n, n)
+        kernels.append((f"matmul {n}x{n}x{n}", 2.0 * n**3, lambda a=a, b=b: a @ b))
+    m, k, n = tall
+    a, b = rand(m, k), rand(k, n)
+    kernels.append((f"matmul {m}x{k}x{n}", 2.0 * m * k * n, lambda a=a, b=b: a @ b))
+    batch, cin, frames, h, w, cout = conv
+    x = rand(batch, cin, frames, h, w).contiguous(memory_format=torch.channels_last_3d)
+    weight = rand(cout, cin, 1, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+    flops = 2.0 * batch * cout * cin * 25 * frames * h * w
+    kernels.append((f"conv3d {cin}->{cout} 1x5x5 on {batch}x{frames}x{h}x{w}", flops,
+                    lambda: torch.nn.functional.conv3d(x, weight, padding=(0, 2, 2))))
+    return kernels
+
+
+def measured_ceiling(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, *,
+                     quick: bool = False, repeats: int = 5) -> dict[str, Any]:
+    """The device's compute ceiling as measured in this run: the best rate of several dense
+    kernels (matmuls in a few shapes, a large conv3d), each its fastest of `repeats`.
+
+    One GEMM alone is not a ceiling: a vendor BLAS can run below what the convolution library
+    reaches on the same chip, and a model's convolutions then show above 100% of it. The best of
+    several kernels is still a measured figure, not the datasheet's; a workload may come close
+    to it but is not bounded by it. Low-precision dtypes are timed in float32 on the CPU.
+
+    Returns ``{"tflops", "best", "kernels": {name: TFLOP/s}, "dtype", "label"}``; `label`
+    names what was measured, for a table header ("ceiling: best of ... measured").
+    """
+    device = torch.device(device)
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    rates: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, flops, run in _ceiling_kernels(device, dtype, quick):
+            t = time_fn(run, device, warmup=2, repeats=repeats)
+            rates[name] = flops / (t["min_ms"] * 1e-3) / 1e12
+    best = max(rates, key=rates.__getitem__)
+    dtype_name = str(dtype).replace("torch.", "")
+    label = (f"ceiling: best of {', '.join(rates)} measured ({dtype_name}): "
+             f"{rates[best] * 1e3:,.0f} GFLOP/s, by {best}")
+    return {"tflops": rates[best], "best": best, "kernels": rates, "dtype": dtype_name,
+            "label": label}
+
+
 def write_json(name: str, payload: dict[str, Any], path: str | Path | None = None,
                device: torch.device | str | None = None) -> Path:
     """Write `payload` (plus device_info) to `path` or benchmarks/results/<name>-<device>.json."""

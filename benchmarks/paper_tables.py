@@ -545,8 +545,10 @@ def ensemble(all_scores: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
 # The grid
 # --------------------------------------------------------------------------------------------
 
-def _hits(rep: dict[str, Any]) -> dict[str, float]:
-    return {k: float(rep[k]) for k in ("clip_hit1", "video_hit1", "video_hit5")}
+def _hits(rep: dict[str, Any]) -> dict[str, float | None]:
+    # video_hit5 is None with 5 classes or fewer (it could not be below 1 there)
+    return {k: None if rep[k] is None else float(rep[k])
+            for k in ("clip_hit1", "video_hit1", "video_hit5")}
 
 
 def run_baseline(train: Split, test: Split, s: Settings,

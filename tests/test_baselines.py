@@ -183,8 +183,33 @@ def test_report_has_the_cnn_report_keys() -> None:
                              ["a", "b", "c"], {"a": "g1", "b": "g1", "c": "g2"})
     assert rep["clip_hit1"] == pytest.approx(0.5)
     assert rep["video_hit1"] == pytest.approx(1 / 3)
-    assert rep["video_hit5"] == 1.0
+    assert rep["video_hit5"] is None  # 3 classes: every label is in the top 5
+    assert "3 classes" in rep["not_applicable"]["video_hit5"]
     assert rep["per_class"] == [0.0, 1.0, 0.0]
     assert rep["confusion"] == [[0, 0, 1], [0, 1, 0], [0, 1, 0]]
     assert rep["groups"] == {"g1": 0.5, "g2": 0.0}
     assert set(rep["groups_ap"]) == {"g1", "g2"} and 0 <= rep["mean_ap"] <= 1
+
+
+def test_report_hit5_with_six_classes() -> None:
+    pytest.importorskip("vidconv.train.metrics")
+    from vidconv.baselines import report_from_scores
+
+    scores = torch.eye(6)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])  # the last video's true class scored lowest
+    scores[5] = torch.tensor([0.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    rep = report_from_scores(scores, labels, scores, labels, list("abcdef"))
+    assert rep["video_hit5"] == pytest.approx(5 / 6) and "not_applicable" not in rep
+
+
+def test_baseline_prints_fractions_like_evaluate(capsys: pytest.CaptureFixture[str]) -> None:
+    from vidconv.baselines.cli import _print_report
+
+    _print_report({"num_videos": 4, "num_clips": 8, "clip_hit1": 0.625, "video_hit1": 0.75,
+                   "video_hit5": None, "mean_ap": 0.8125, "clips_per_s": 120.0,
+                   "not_applicable": {"video_hit5": "4 classes: every label is in the top 5"},
+                   "groups": {"g1": 0.5}})
+    out = capsys.readouterr().out
+    assert "%" not in out
+    assert "clip hit@1 0.625  video hit@1 0.750  video hit@5 -  mAP 0.812" in out
+    assert "video_hit5: not applicable (4 classes" in out and "group g1: video hit@1 0.500" in out

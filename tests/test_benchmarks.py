@@ -49,6 +49,26 @@ def test_speed_minimal_run(tmp_path: Path) -> None:
     for r in data["rows"]:
         assert r["forward_clips_s"] > 0 and r["train_clips_s"] > 0
     assert "multires / full" in res.stdout  # the ratio table is printed last
+    # the ceiling is the best of several measured kernels, and the table says which
+    ceiling = data["settings"]["ceiling"]
+    assert len(ceiling["kernels"]) >= 3 and data["settings"]["ceiling_tflops"] == max(
+        ceiling["kernels"].values())
+    assert "ceiling: best of matmul" in res.stdout and ceiling["best"] in res.stdout
+    assert all("forward_pct_ceiling" in r and "train_pct_ceiling" in r for r in data["rows"])
+
+
+def test_ceiling_is_the_best_of_several_kernels() -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCH))
+    c = _common.measured_ceiling("cpu", torch.bfloat16, quick=True, repeats=1)
+    names = list(c["kernels"])
+    assert sum(n.startswith("matmul") for n in names) >= 2 and any("conv3d" in n for n in names)
+    assert c["tflops"] == max(c["kernels"].values()) == c["kernels"][c["best"]] > 0
+    assert c["dtype"] == "float32"  # the CPU times low precision in float32
+    assert c["label"].startswith("ceiling: best of ") and all(n in c["label"] for n in names)
 
 
 def test_preprocess_minimal_run(tmp_path: Path) -> None:

@@ -130,3 +130,73 @@ def test_setup_decision_never_looks_for_a_gpu() -> None:
         n for n in ast.parse(SETUP_PY.read_text()).body
         if isinstance(n, ast.FunctionDef) and n.name == "_cuda_decision"))
     assert source is not None and "is_available" not in source and "device_count" not in source
+
+
+def _hiding(*missing: str):
+    """importlib.util.find_spec as if the `missing` packages were not installed."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *args):
+        if any(name == m or name.startswith(m + ".") for m in missing):
+            return None
+        return real(name, *args)
+
+    return find_spec
+
+
+@pytest.mark.parametrize("command", ["dist_info", "bdist_wheel", "editable_wheel"])
+def test_setup_names_the_missing_wheel_tool(command: str) -> None:
+    problem = _load_setup_functions()["_build_tools_problem"]
+    old_setuptools = _hiding("wheel", "setuptools.command.bdist_wheel")
+    message = problem([command, "--dist-dir", "x"], old_setuptools)
+    assert message is not None and "no bdist_wheel command" in message
+    assert 'pip install "setuptools>=70" wheel' in message
+    # the same environment can still run commands that pack no wheel (e.g. build_ext)
+    assert problem(["build_ext", "--inplace"], old_setuptools) is None
+    # the wheel package alone, or a setuptools that ships the command, is enough
+    assert problem([command], _hiding("setuptools.command.bdist_wheel")) is None
+    assert problem([command], _hiding("wheel")) is None
+
+
+def test_setup_names_a_missing_torch() -> None:
+    problem = _load_setup_functions()["_build_tools_problem"]
+    message = problem(["bdist_wheel"], _hiding("torch"))
+    assert message is not None and "torch is not installed" in message
+    assert "no bdist_wheel" not in message
+
+
+def test_setup_py_stops_with_the_message_not_a_traceback() -> None:
+    """What pip shows: setup.py run as pip runs it, with wheel and setuptools' own command
+    hidden, exits with the one message before compiling anything."""
+    import subprocess
+    import sys
+
+    script = ("import importlib.util as u, runpy, sys\n"
+              "real = u.find_spec\n"
+              "u.find_spec = lambda n, *a: None if n.split('.')[0] == 'wheel' "
+              "or n == 'setuptools.command.bdist_wheel' else real(n, *a)\n"
+              f"sys.argv = ['setup.py', 'bdist_wheel']\n"
+              f"runpy.run_path({str(SETUP_PY)!r}, run_name='__main__')\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=SETUP_PY.parent)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr and "no bdist_wheel command" in res.stderr
+    assert "vidconv: CUDA kernels" not in res.stdout  # stopped before the build decision
+
+
+def test_install_commands_name_their_build_tools_and_a_decoder() -> None:
+    """The README's commands install what a fresh environment lacks: the build tools that
+    --no-build-isolation takes from the environment, and a video decoder for `vidconv`."""
+    import tomllib
+
+    readme = (SETUP_PY.parent / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if "pip install --no-build-isolation" in line]
+    assert len(commands) >= 2
+    for line in commands:
+        assert '"setuptools>=70"' in line and " wheel " in line, line
+    project = tomllib.loads((SETUP_PY.parent / "pyproject.toml").read_text())
+    assert any(d.replace(" ", "").startswith("av>=") for d in project["project"]["dependencies"])
+    requires = project["build-system"]["requires"]
+    assert "setuptools>=70" in requires and "wheel" in requires

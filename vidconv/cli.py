@@ -1,5 +1,6 @@
 """The ``vidconv`` command line: train, evaluate, fine-tune and compare the paper's networks.
 
+    vidconv synth data/synth                       # a small labelled dataset: train/ + test/
     vidconv train DATA --out runs/sf --model single_frame --width 0.25
     vidconv evaluate runs/sf/checkpoint.pt TEST_DATA --clips 20 --views 4 --out runs/sf/eval
     vidconv finetune runs/sf/checkpoint.pt UCF_DATA --mode top3 --keep-prob 0.1 --out runs/ft
@@ -28,6 +29,75 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str, *, drop: bool) -> float:
+    """A drop probability in [0, 1) or a keep probability in (0, 1]: dropping every unit (or
+    keeping none) would leave nothing to train."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if drop and not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be a drop probability in [0, 1) (1 would drop every unit), got {text}")
+    if not drop and not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"must be a keep probability in (0, 1] (0 would keep no unit), got {text}")
+    return value
+
+
+def _drop_probability(text: str) -> float:
+    return _fraction(text, drop=True)
+
+
+def _keep_probability(text: str) -> float:
+    return _fraction(text, drop=False)
+
+
+class _DropoutAs(argparse.Action):
+    """``--dropout P`` (drop probability) and ``--keep-prob Q`` (keep probability) are two
+    spellings of one setting: each stores into the command's own destination, converted
+    (``P = 1 - Q``), so both commands accept both and neither changes meaning."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        value = float(values)
+        given_as = "keep_prob" if option_string == "--keep-prob" else "dropout"
+        if given_as != self.dest:
+            value = round(1.0 - value, 12)  # 1 - 0.9 is 0.09999999999999998 in binary
+        setattr(namespace, self.dest, value)
+
+
+def _add_dropout(group: Any, *, dest: str, default: float, where: str) -> None:
+    """The mutually exclusive pair ``--dropout P`` / ``--keep-prob Q``, stored as `dest`
+    ("dropout" or "keep_prob") with `default` in that unit."""
+    pair = group.add_mutually_exclusive_group()
+    drop_default = default if dest == "dropout" else 1 - default
+    pair.add_argument("--dropout", dest=dest, type=_drop_probability, action=_DropoutAs,
+                      default=default, metavar="P",
+                      help=f"dropout {where}, as the probability of DROPPING a unit (default "
+                           f"{drop_default:g}); the same as --keep-prob 1-P")
+    pair.add_argument("--keep-prob", dest=dest, type=_keep_probability, action=_DropoutAs,
+                      default=default, metavar="Q",
+                      help=f"the same dropout as the probability of KEEPING a unit (default "
+                           f"{1 - drop_default:g}; the paper's fine-tuning went as low as "
+                           "0.1); the same as --dropout 1-Q")
+
+
+# Views per evaluation clip, in vidconv.data.loader.VIEWS order (a test keeps the two in step).
+MAX_VIEWS = 10
+
+
+def _views(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer 1 to {MAX_VIEWS}, "
+                                         f"got {text!r}") from None
+    if not 1 <= value <= MAX_VIEWS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_VIEWS}, got {text}")
     return value
 
 
@@ -93,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--stream", choices=("both", "fovea", "context"), default="both",
                    help="with --multires: one stream only")
     m.add_argument("--width", type=float, default=1.0, help="scale of every layer's width")
-    m.add_argument("--dropout", type=float, default=0.5, help="drop probability before FC layers")
+    _add_dropout(m, dest="dropout", default=0.5, where="before each FC layer")
     _add_training(p, finetune=False)
     p.set_defaults(func=cmd_train)
 
@@ -103,8 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint.pt (or a run directory)")
     _add_data(p)
     p.add_argument("--clips", type=_positive_int, default=20, help="clips per video (paper: 20)")
-    p.add_argument("--views", type=_positive_int, default=4,
-                   help="views per clip: 1 = centre, 4 = crops and flips (paper: 4)")
+    p.add_argument("--views", type=_views, default=4,
+                   help=f"views per clip, 1 to {MAX_VIEWS}, taken in this order: centre, "
+                        "centre flipped, top-left, bottom-right flipped, top-right, "
+                        "bottom-left flipped, then those four corners with the other flip "
+                        "(default 4, the paper's: the centre and two opposite corners, each "
+                        "once flipped); multires models keep the fovea centred, so their "
+                        "views differ by flip only")
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--groups", default=None, help="JSON file mapping class -> group")
     p.add_argument("--out", default=None, help="directory for report.json and the PNG plots "
@@ -124,9 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=FINETUNE_MODES, default="top",
                    help="top: classifier only; top3: fc1, fc2, classifier; all; scratch: same "
                         "architecture, random init")
-    p.add_argument("--keep-prob", type=float, default=0.5,
-                   help="dropout keep probability before every retrained FC layer "
-                        "(the paper went as low as 0.1)")
+    _add_dropout(p, dest="keep_prob", default=0.5, where="before every retrained FC layer")
     _add_training(p, finetune=True)
     p.set_defaults(func=cmd_finetune)
 
@@ -142,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     _add_prepare(sub)
+    _add_synth(sub)
     _add_baseline(sub)
     return parser
 
@@ -196,6 +270,153 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for row in report.skipped:
         print(f"skipped {row['source']}: {row['reason']}")
     print(f"index: {Path(args.out) / 'index.json'}")
+def _even_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 8 or value % 2:
+        raise argparse.ArgumentTypeError(f"must be an even number of pixels >= 8 (the videos "
+                                         f"are yuv420p), got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _add_synth(sub: Any) -> None:
+    p = sub.add_parser(
+        "synth", help="write a small labelled synthetic video dataset (train/ and test/)",
+        description="Write labelled synthetic videos (vidconv.data.synthetic): one moving "
+                    "object per video, classes told apart by appearance, motion or both, with "
+                    "camera motion, clutter and noise as distractors; real VP9 (WebM) or H.264 "
+                    "(MP4) files in OUT/train/<class>/ and OUT/test/<class>/, from different "
+                    "scenes. Rerunning with the same options reuses the files.",
+        epilog="Then: vidconv train OUT/train --out runs/synth && "
+               "vidconv evaluate runs/synth OUT/test")
+    p.add_argument("out", help="folder to write: OUT/train and OUT/test (created)")
+    p.add_argument("--classes", default="4",
+                   help="how many classes (the first N of the catalogue: up to 8 that differ "
+                        "in appearance and motion come first, then motion-only and "
+                        "appearance-only pairs; default 4), or comma-separated class names")
+    p.add_argument("--videos", type=_positive_int, default=8,
+                   help="training videos per class (default 8)")
+    p.add_argument("--test-videos", type=_nonnegative_int, default=4,
+                   help="test videos per class (default 4; 0: no test split)")
+    p.add_argument("--frames", type=_positive_int, default=32,
+                   help="frames per video (default 32; early and slow fusion need 10, late "
+                        "fusion 15)")
+    p.add_argument("--size", type=_even_size, default=64,
+                   help="frame height and width in pixels, even (default 64)")
+    p.add_argument("--codec", choices=("vp9", "h264"), default="vp9")
+    p.add_argument("--seed", type=_nonnegative_int, default=0,
+                   help="picks the scenes; another seed gives other videos (default 0)")
+    p.add_argument("--camera", type=_unit_interval, default=0.2,
+                   help="probability of camera motion per video (default 0.2)")
+    p.add_argument("--clutter", type=_nonnegative_int, default=2,
+                   help="distractor shapes per video (default 2)")
+    p.add_argument("--noise", type=_nonnegative_float, default=3.0,
+                   help="sensor noise, std in 8-bit levels (default 3)")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes that render and encode (default: 1 for small datasets)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--list-classes", action="store_true",
+                   help="print the class catalogue (name, kind, group) and exit")
+    p.set_defaults(func=cmd_synth)
+
+
+def _synth_classes(text: str) -> int | list[str]:
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--classes must be a count or class names, got {text!r}")
+    return names
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write OUT/train (and OUT/test) with vidconv.data.synthetic.write_dataset."""
+    import time
+
+    try:
+        from vidconv.data import synthetic
+    except ImportError as exc:
+        return _fail(f"vidconv synth needs numpy: {exc}")
+    if args.list_classes:
+        for name in synthetic.DEFAULT_ORDER:
+            spec = synthetic.CATALOGUE[name]
+            print(f"{name:<34} {spec.kind:<10} {spec.group}")
+        return 0
+    try:
+        import av  # noqa: F401  (write_dataset imports it per video; fail before any work)
+    except ImportError as exc:
+        return _fail(f"vidconv synth writes videos with PyAV, which is not installed ({exc}); "
+                     "install it with: pip install av")
+    try:
+        classes = synthetic.class_specs(_synth_classes(args.classes))
+    except (TypeError, ValueError) as exc:
+        return _fail(f"--classes: {exc}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _fail(f"OUT {out} exists and is not a folder")
+    splits = [("train", args.videos, 0)] + ([("test", args.test_videos, 1)]
+                                             if args.test_videos else [])
+    for split, _, _ in splits:
+        folder = out / split
+        # Never mix synthetic classes into someone's real dataset: only a folder this command
+        # wrote (it has a manifest) or an empty one is written into.
+        if folder.is_dir() and any(folder.iterdir()) and not (
+                folder / synthetic.MANIFEST).is_file():
+            return _fail(f"{folder} exists, is not empty and is not a synthetic dataset (no "
+                         f"{synthetic.MANIFEST}); choose another OUT")
+    t0 = time.perf_counter()
+    written = []
+    try:
+        for split, videos, stream in splits:
+            # Train and test scenes come from separate seed streams: no scene is in both.
+            info = synthetic.write_dataset(
+                out / split, classes=classes, videos_per_class=videos, frames=args.frames,
+                size=args.size, codec=args.codec, seed=(args.seed, stream), camera=args.camera,
+                clutter=args.clutter, noise=args.noise, workers=args.workers,
+                progress=args.progress)
+            written.append((split, videos, info["reused"]))
+    except KeyboardInterrupt:
+        print("vidconv: interrupted; the finished videos are complete files, and the same "
+              "command writes the rest", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        return _fail(f"cannot write {exc.filename or out}: {exc.strerror or exc}")
+    seconds = time.perf_counter() - t0
+    names = sorted(s.name for s in classes)
+    for split, videos, reused in written:
+        print(f"{out / split}: {len(names)} classes x {videos} videos "
+              f"({'reused, unchanged' if reused else 'written'})")
+    print(f"classes: {', '.join(names)} ({seconds:.1f}s)")
+    if args.test_videos:
+        print(f"next: vidconv train {out / 'train'} --out runs/synth && "
+              f"vidconv evaluate runs/synth {out / 'test'}")
     return 0
 
 
@@ -277,6 +498,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"clips ({args.clips} clips x {args.views} views), {report['skipped_videos']} skipped")
     print(f"clip hit@1 {_fmt(report['clip_hit1'])}  video hit@1 {_fmt(report['video_hit1'])}  "
           f"video hit@5 {_fmt(report['video_hit5'])}  mAP {_fmt(report['mean_ap'])}")
+    for key, why in (report.get("not_applicable") or {}).items():
+        print(f"  {key}: not applicable ({why})")
     for group, acc in (report.get("groups") or {}).items():
         print(f"  group {group:<30} video acc {_fmt(acc)}  "
               f"mAP {_fmt(report['groups_ap'].get(group))}")
@@ -293,8 +516,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     width = max([len(r["class"]) for r in result["rows"]] + [5])
     print(f"per-class {result['metric']}: mean {a} {_fmt(result['mean_a'])}, "
           f"mean {b} {_fmt(result['mean_b'])}")
-    for title, rows in (("largest gains", result["gains"]), ("largest losses", result["losses"])):
+    for title, rows, none in (("largest gains", result["gains"], f"{b} is above {a}"),
+                              ("largest losses", result["losses"], f"{b} is below {a}")):
         print(f"{title} ({b} - {a}):")
+        if not rows:  # an empty table reads as a formatting bug; say what it means instead
+            print(f"  none: no class where {none}")
+            continue
         print(f"  {'class':<{width}}  {a:>8}  {b:>8}  {'diff':>7}")
         for r in rows:
             print(f"  {r['class']:<{width}}  {_fmt(r[a]):>8}  {_fmt(r[b]):>8}  "

@@ -65,12 +65,14 @@ def report_from_scores(clip_scores: torch.Tensor, clip_labels: torch.Tensor,
                        classes: list[str], groups: Mapping[str, str] | None = None
                        ) -> dict[str, Any]:
     """The evaluation report of `vidconv.train.evaluate` (same keys: clip_hit1, video_hit1,
-    video_hit5, mean_ap, per_class, per_class_ap, confusion, groups, groups_ap, classes), built
-    with vidconv.train.metrics from clip scores and video scores.
+    video_hit5 (None with 5 classes or fewer, the reason under not_applicable), mean_ap,
+    per_class, per_class_ap, confusion, groups, groups_ap, classes), built with
+    vidconv.train.metrics from clip scores and video scores.
 
     groups: class name -> group name (as for `vidconv.train.evaluate`).
     """
     from vidconv.train import metrics as M
+    from vidconv.train.evaluation import hit5_fields
 
     num_classes = len(classes) if classes else video_scores.shape[1]
     pred = video_scores.argmax(1)
@@ -82,7 +84,7 @@ def report_from_scores(clip_scores: torch.Tensor, clip_labels: torch.Tensor,
         "num_clips": int(clip_labels.shape[0]),
         "clip_hit1": M.hit_at_k(clip_scores, clip_labels, 1),
         "video_hit1": M.hit_at_k(video_scores, video_labels, 1),
-        "video_hit5": M.hit_at_k(video_scores, video_labels, 5),
+        **hit5_fields(video_scores, video_labels),
         "mean_ap": M.nanmean(per_class_ap),
         "per_class": M.per_class_accuracy(confusion),
         "per_class_ap": per_class_ap,

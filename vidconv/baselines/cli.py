@@ -84,16 +84,18 @@ def _spec(args: argparse.Namespace, trained: Any = None) -> Any:
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    def pct(v: float | None) -> str:  # None: no test video of that class / group
-        return "-" if v is None else f"{100 * v:.1f}%"
+    """Fractions with three decimals, as `vidconv evaluate` prints them."""
+    def frac(v: float | None) -> str:  # None: no test video of that class / group
+        return "-" if v is None else f"{v:.3f}"
 
-    mean_ap = "-" if report["mean_ap"] is None else f"{report['mean_ap']:.3f}"
     print(f"{report['num_videos']} videos, {report['num_clips']} clips: "
-          f"clip hit@1 {pct(report['clip_hit1'])}  video hit@1 {pct(report['video_hit1'])}  "
-          f"video hit@5 {pct(report['video_hit5'])}  mAP {mean_ap}  "
+          f"clip hit@1 {frac(report['clip_hit1'])}  video hit@1 {frac(report['video_hit1'])}  "
+          f"video hit@5 {frac(report['video_hit5'])}  mAP {frac(report['mean_ap'])}  "
           f"({report['clips_per_s']:,.0f} clips/s, CPU features)")
+    for key, why in (report.get("not_applicable") or {}).items():
+        print(f"  {key}: not applicable ({why})")
     for name, acc in (report.get("groups") or {}).items():
-        print(f"  group {name}: video hit@1 {pct(acc)}")
+        print(f"  group {name}: video hit@1 {frac(acc)}")
 
 
 def run(args: argparse.Namespace) -> int:

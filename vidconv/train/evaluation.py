@@ -67,6 +67,24 @@ def label_map(dataset_classes: Sequence[str], model_classes: Sequence[str]) -> l
     return [index[c] for c in dataset_classes]
 
 
+def video_hit5(vscores: torch.Tensor, vlabels: torch.Tensor) -> tuple[float | None, str | None]:
+    """Video hit@5, or None and the reason when it cannot fail: with 5 classes or fewer every
+    label is among the top 5, so the figure would be 1.0 whatever the model."""
+    num_classes = vscores.shape[1]
+    if num_classes <= 5:
+        return None, f"{num_classes} classes: every label is in the top 5"
+    return metrics.hit_at_k(vscores, vlabels, 5), None
+
+
+def hit5_fields(vscores: torch.Tensor, vlabels: torch.Tensor) -> dict[str, Any]:
+    """``video_hit5`` for a report, and ``not_applicable`` {metric: reason} when it is None."""
+    value, why = video_hit5(vscores, vlabels)
+    fields: dict[str, Any] = {"video_hit5": value}
+    if why is not None:
+        fields["not_applicable"] = {"video_hit5": why}
+    return fields
+
+
 @torch.no_grad()
 def evaluate(
     model_or_ckpt: nn.Module | str | Path,
@@ -93,7 +111,8 @@ def evaluate(
     ``video_hit5``, ``mean_ap``, ``per_class`` (video accuracy), ``per_class_ap``,
     ``confusion`` (rows: true class), ``groups`` / ``groups_ap`` (with `groups`),
     ``skipped_videos`` and ``loader_report``; numbers that do not exist (a class with no
-    test video) are None.
+    test video) are None. ``video_hit5`` is None with 5 classes or fewer (it could not be
+    below 1), and ``not_applicable`` then maps it to that reason.
 
     Raises:
         ValueError: the dataset has classes the model does not know, or a bare model's class
@@ -173,7 +192,7 @@ def evaluate(
         "views": views,
         "clip_hit1": metrics.hit_at_k(scores, labels, 1),
         "video_hit1": metrics.hit_at_k(vscores, vlabels, 1),
-        "video_hit5": metrics.hit_at_k(vscores, vlabels, 5),
+        **hit5_fields(vscores, vlabels),
         "mean_ap": metrics.nanmean(per_class_ap),
         "per_class": per_class,
         "per_class_ap": per_class_ap,
