@@ -34,7 +34,8 @@ def _decode(pipes: dict, threads: int, path: str, indices):
     import numpy as np
 
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        with open(path, "rb") as f:
+            data = np.frombuffer(f.read(), dtype=np.uint8)
     except OSError as exc:
         return None, f"cannot read ({exc})"
     if data.size == 0:
