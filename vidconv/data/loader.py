@@ -566,18 +566,27 @@ def _try_probe(path: Path) -> VideoInfo | DecodeError:
         return exc
 
 
+def _reason_kind(reason: str) -> str:
+    """A skip reason without its decoder's details ("cannot open (InvalidDataError: ...)" ->
+    "cannot open"), so that files failing the same way count together."""
+    cut = reason.find(" (")
+    return reason[:cut] if cut >= 0 and ":" in reason[cut:] else reason
+
+
 def _nothing_usable(source: Any, report: LoaderReport) -> str:
     """Why no video of ``source`` could be read: the reasons, most common first, with an
     example file each, and the likely cause when every listed file is missing."""
-    kinds = Counter(s.reason.split(" (")[0] for s in report.skipped)
+    kinds = Counter(_reason_kind(s.reason) for s in report.skipped)
     example = {}
     for s in report.skipped:
-        example.setdefault(s.reason.split(" (")[0], s.path)
-    why = "; ".join(f"{n} {reason} (e.g. {example[reason]})" for reason, n in
+        example.setdefault(_reason_kind(s.reason), s.path)
+    why = "; ".join(f"{reason} ({n}, e.g. {example[reason]})" for reason, n in
                     kinds.most_common(3))
     if len(kinds) > 3:
         why += f"; {len(kinds) - 3} other reason(s)"
-    message = (f"no video of dataset {str(source.location)!r} could be read: all "
+    where = getattr(source, "location", None)
+    what = "dataset" if where is None else f"dataset {str(where)!r}"
+    message = (f"no video of {what} could be read: all "
                f"{report.num_videos} were skipped: {why}")
     root, listed = getattr(source, "root", None), getattr(source, "list_file", None)
     if listed is not None and set(kinds) == {"does not exist"}:
