@@ -35,9 +35,20 @@ Bad files
     fails later while decoding (a stream damaged past its first frame) is skipped from then on
     the same way, and its clips are left out of their batch (that batch is smaller; a batch
     left with no clip is not yielded). Without the cache only the frames a clip needs are
-    decoded, so a clip in the undamaged part of such a file still loads. With
-    ``strict=True`` the first bad file raises :class:`~vidconv.data.decode.DecodeError` naming
-    it instead.
+    decoded, so a clip in the undamaged part of such a file still loads. A folder or a broken
+    symbolic link named like a video, and a listed file that does not exist, are skipped the
+    same way, each with its reason. DALI's CPU decoder runs in a worker process
+    (:mod:`vidconv.data.dali`): a file it crashes or hangs on is skipped like any bad one and
+    the run goes on. With ``strict=True`` the first bad file raises
+    :class:`~vidconv.data.decode.DecodeError` naming it instead. A source of which no video at
+    all is usable raises ``ValueError`` at construction, saying why (the commonest reasons,
+    with an example file each).
+
+Report
+    :attr:`ClipLoader.report` (:class:`LoaderReport`) keeps its counts consistent while
+    iterating: a video skipped while decoding comes off ``num_usable`` and its class's
+    ``videos_per_class``; a class with no usable video left is listed in ``empty_classes`` and
+    warned about once.
 
 Decoding and caching
     Frames are decoded, turned to display orientation, centre-cropped to a square and resized
@@ -210,6 +221,8 @@ class ClipLoader:
     Raises:
         ValueError / TypeError: a bad argument (named); FileNotFoundError: a missing source.
         DecodeError: ``strict`` and a file cannot be used.
+        ValueError: no video of the source is usable (the message says why), or ``device`` is
+            a CUDA device and CUDA is not available.
         ImportError: ``backend="dali"`` without DALI installed.
     """
 
