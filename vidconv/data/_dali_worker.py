@@ -49,7 +49,7 @@ def _decode(pipes: dict, threads: int, path: str, indices):
         if with_frames:
             pipe.feed_input("frames", [np.asarray(indices, dtype=np.int32)])
         (out,) = pipe.run()
-        return np.ascontiguousarray(np.array(out.as_tensor())[0]), None
+        return np.ascontiguousarray(np.asarray(out.as_tensor())[0]), None
     except Exception as exc:  # DALI raises RuntimeError subclasses with C++ messages
         # A failed run leaves the pipeline unusable; build a fresh one next time.
         pipes.clear()

@@ -239,14 +239,16 @@ class DaliDecoder:
             kind, value = worker.answers.recv()
             if kind == "error":
                 raise DecodeError(path, value)
-            buf = bytearray(worker.answers.recv_bytes())
+            frames = torch.empty(tuple(value), dtype=torch.uint8)
+            # Straight from the pipe into the tensor: one copy.
+            worker.answers.recv_bytes_into(memoryview(frames.numpy()).cast("B"))
         except (EOFError, OSError, BrokenPipeError) as exc:
             worker.close()
             self._worker = None
             how = _signal_name(worker.proc.returncode)
             raise DecodeError(path, f"DALI's decoder process died decoding it ({how})"
                               ) from exc
-        return torch.from_numpy(np.frombuffer(buf, dtype=np.uint8).reshape(value))
+        return frames
 
     def _to_torch(self, out) -> torch.Tensor:
         from nvidia.dali.plugin.pytorch import feed_ndarray
