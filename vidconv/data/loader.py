@@ -359,11 +359,14 @@ class ClipLoader:
             report.skipped.append(SkippedVideo(index, path, reason, stage))
             report.num_skipped = len(report.skipped)
             report.num_usable = report.num_videos - report.num_skipped
-            name = report.classes[self.source.videos[index].label]
-            report.videos_per_class[name] -= 1
-            emptied = report.videos_per_class[name] == 0
-            if emptied:
-                report.empty_classes.append(name)
+            label = self.source.videos[index].label
+            name = report.classes[label] if 0 <= label < len(report.classes) else None
+            emptied = False
+            if name in report.videos_per_class:
+                report.videos_per_class[name] -= 1
+                emptied = report.videos_per_class[name] == 0
+                if emptied:
+                    report.empty_classes.append(name)
         warnings.warn(f"vidconv.data: skipping {path}: {reason}", BadVideoWarning, stacklevel=3)
         if emptied:
             warnings.warn(f"vidconv.data: class {name!r} has no usable video left (all "
