@@ -74,6 +74,7 @@ class VideoFolder(_Source):
             for f in sorted(d.iterdir())
             # Folders and broken links named like videos are kept, for the loader to report.
             if f.suffix.lower() in VIDEO_EXTENSIONS
+            and (f.is_file() or f.is_dir() or (f.is_symlink() and not f.exists()))
         ]
         if not self.videos:
             raise ValueError(f"dataset root {str(self.root)!r} holds no video files (looked for "
