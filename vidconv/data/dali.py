@@ -102,6 +102,10 @@ class _Worker:
             self.proc = subprocess.Popen(
                 [sys.executable, str(_WORKER_SCRIPT), str(req_r), str(ans_w), str(threads)],
                 pass_fds=(req_r, ans_w), stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            os.close(req_w)
+            os.close(ans_r)
+            raise
         finally:
             os.close(req_r)
             os.close(ans_w)
@@ -227,7 +231,10 @@ class DaliDecoder:
 
     def _decode_in_worker(self, path: Path, wanted: list[int] | None) -> torch.Tensor:
         if self._worker is None:
-            self._worker = _Worker(self.threads)
+            try:
+                self._worker = _Worker(self.threads)
+            except OSError as exc:
+                raise DecodeError(path, f"cannot start DALI's decoder process ({exc})") from exc
         worker = self._worker
         try:
             worker.requests.send((str(path), wanted))
