@@ -378,10 +378,76 @@ def test_bad_files_are_skipped_once_and_reported(dataset: Path, tmp_path: Path) 
             seen += batch.video_index.tolist()
     names = {loader.source.videos[i].path.name for i in seen}
     assert len(seen) == 6 and not names & bad
-    assert "4 skipped" in report.summary() and "class0: 5" in report.summary()
+    assert "4 skipped" in report.summary() and "class0: 3, class1: 3" in report.summary()
+    assert report.videos_per_class == {"class0": 3, "class1": 3}  # usable ones
+    assert report.found_per_class == {"class0": 5, "class1": 5}
+    assert report.empty_classes == []
 
     with pytest.raises(DecodeError, match="empty.mp4"):
         ClipLoader(root, SMALL, strict=True)
+
+
+def test_report_counts_add_up_and_name_every_unusable_entry(dataset: Path,
+                                                          tmp_path: Path) -> None:
+    """Folders named like videos and broken links are reported, not ignored; a class left
+    with no usable video is flagged; usable + skipped = listed, per class too."""
+    root = tmp_path / "r"
+    shutil.copytree(dataset, root)
+    (root / "class0" / "folder.mp4").mkdir()
+    (root / "class1" / "gone.webm").symlink_to(tmp_path / "nowhere.webm")
+    (root / "class2").mkdir()
+    (root / "class2" / "only.mp4").write_bytes(b"not a video")
+    (root / "class3").mkdir()
+    with pytest.warns(BadVideoWarning) as caught:
+        loader = ClipLoader(root, SMALL, batch_size=4, train=True, backend="pyav")
+    messages = [str(w.message) for w in caught if issubclass(w.category, BadVideoWarning)]
+    report = loader.report
+    reasons = {Path(s.path).name: s.reason for s in report.skipped}
+    assert reasons["folder.mp4"] == "is a folder, not a video file"
+    assert reasons["gone.webm"].startswith("is a broken symbolic link (to ")
+    assert "nowhere.webm" in reasons["gone.webm"]
+    assert report.num_videos == 9 and report.num_skipped == 3 and report.num_usable == 6
+    assert report.videos_per_class == {"class0": 3, "class1": 3, "class2": 0, "class3": 0}
+    assert report.found_per_class == {"class0": 4, "class1": 4, "class2": 1, "class3": 0}
+    assert sorted(report.empty_classes) == ["class2", "class3"]
+    assert any("class 'class2' has no usable video left" in m for m in messages)
+    assert any("class 'class3' has no video" in m for m in messages)
+    assert "classes with no usable video: " in report.summary()
+
+    # A video skipped while decoding comes off num_usable and its class's count.
+    (root / "class1" / "v0.webm").write_bytes(b"gone bad after probing")
+    with pytest.warns(BadVideoWarning, match="v0.webm"):
+        list(loader)
+    assert report.num_usable == 5 and report.num_skipped == 4
+    assert report.videos_per_class["class1"] == 2
+    assert report.num_usable + report.num_skipped == report.num_videos
+    assert sum(report.videos_per_class.values()) == report.num_usable
+
+
+def test_no_usable_video_says_why(dataset: Path, tmp_path: Path) -> None:
+    """A list file whose paths do not resolve: the error says no video could be read, why,
+    and what the paths are taken relative to."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    listing = lists / "train.txt"
+    listing.write_text("".join(f"{p.parent.name}/{p.name}\n"
+                               for p in sorted(dataset.glob("*/v*"))))
+    with pytest.warns(BadVideoWarning), pytest.raises(ValueError) as err:
+        ClipLoader(listing, SMALL, batch_size=4)
+    message = str(err.value)
+    assert "no video of dataset" in message and "could be read: all 6 were skipped" in message
+    assert "does not exist (6, e.g. " in message and "relative to the video root" in message
+    ok = ClipLoader(VideoList(listing, root=dataset), SMALL, batch_size=4)
+    assert ok.report.num_usable == 6
+
+
+def test_cuda_device_without_cuda_is_refused(dataset: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="device is 'cuda' but CUDA is not available"):
+        ClipLoader(dataset, SMALL, device="cuda")
+    with pytest.raises(ValueError, match="device must be 'cpu' or a CUDA device, got 'meta'"):
+        ClipLoader(dataset, SMALL, device="meta")
 
 
 def test_damaged_stream_found_while_decoding(shared_videos: Path, tmp_path: Path) -> None:
@@ -465,9 +531,10 @@ def test_unordered_timestamps_and_short_video(shared_videos: Path) -> None:
     loader = ClipLoader(_single_video_source(path), single, batch_size=8, train=False,
                         clips_per_video=4)
     assert next(iter(loader)).inputs.shape == (4, 3, 1, 40, 40)
-    with pytest.warns(BadVideoWarning, match="unordered.mov: has 4 frame"):
-        short = ClipLoader(_single_video_source(path), SMALL, batch_size=8)
-    assert short.report.num_skipped == 1 and len(short) == 0 and list(short) == []
+    with pytest.warns(BadVideoWarning, match="unordered.mov: has 4 frame"), \
+            pytest.raises(ValueError, match=r"could be read: all 1 were skipped: has 4 "
+                          r"frame\(s\), fewer than the clip spans \(5\) \(1, e.g. .*unordered"):
+        ClipLoader(_single_video_source(path), SMALL, batch_size=8)
 
 
 def test_rotation_metadata_is_honoured(shared_videos: Path) -> None:

@@ -35,9 +35,20 @@ Bad files
     fails later while decoding (a stream damaged past its first frame) is skipped from then on
     the same way, and its clips are left out of their batch (that batch is smaller; a batch
     left with no clip is not yielded). Without the cache only the frames a clip needs are
-    decoded, so a clip in the undamaged part of such a file still loads. With
-    ``strict=True`` the first bad file raises :class:`~vidconv.data.decode.DecodeError` naming
-    it instead.
+    decoded, so a clip in the undamaged part of such a file still loads. A folder or a broken
+    symbolic link named like a video, and a listed file that does not exist, are skipped the
+    same way, each with its reason. DALI's CPU decoder runs in a worker process
+    (:mod:`vidconv.data.dali`): a file it crashes or hangs on is skipped like any bad one and
+    the run goes on. With ``strict=True`` the first bad file raises
+    :class:`~vidconv.data.decode.DecodeError` naming it instead. A source of which no video at
+    all is usable raises ``ValueError`` at construction, saying why (the commonest reasons,
+    with an example file each).
+
+Report
+    :attr:`ClipLoader.report` (:class:`LoaderReport`) keeps its counts consistent while
+    iterating: a video skipped while decoding comes off ``num_usable`` and its class's
+    ``videos_per_class``; a class with no usable video left is listed in ``empty_classes`` and
+    warned about once.
 
 Decoding and caching
     Frames are decoded, turned to display orientation, centre-cropped to a square and resized
@@ -120,7 +131,14 @@ class SkippedVideo:
 
 @dataclass
 class LoaderReport:
-    """What the loader found: dataset size per class, skipped files and decoding backends."""
+    """What the loader found: dataset size per class, skipped files and decoding backends.
+
+    The counts always add up: ``num_videos == num_usable + num_skipped`` and
+    ``sum(videos_per_class.values()) == num_usable``; a video skipped while decoding is taken
+    off both. ``videos_per_class`` counts usable videos (``found_per_class`` every listed one),
+    and ``empty_classes`` names the classes left with no usable video (flagged with a
+    :class:`BadVideoWarning` too).
+    """
 
     num_videos: int = 0
     num_usable: int = 0
@@ -128,6 +146,8 @@ class LoaderReport:
     skipped: list[SkippedVideo] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
     videos_per_class: dict[str, int] = field(default_factory=dict)
+    found_per_class: dict[str, int] = field(default_factory=dict)
+    empty_classes: list[str] = field(default_factory=list)
     backends: dict[str, int] = field(default_factory=dict)
     cached: bool = False
 
@@ -137,7 +157,9 @@ class LoaderReport:
                  f"usable, {self.num_skipped} skipped; backends "
                  + ", ".join(f"{k}: {v}" for k, v in sorted(self.backends.items()))]
         per_class = ", ".join(f"{k}: {v}" for k, v in self.videos_per_class.items())
-        lines.append(f"videos per class: {per_class}")
+        lines.append(f"usable videos per class: {per_class}")
+        if self.empty_classes:
+            lines.append("classes with no usable video: " + ", ".join(self.empty_classes))
         lines += [f"skipped {s.path}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
 
@@ -212,6 +234,8 @@ class ClipLoader:
     Raises:
         ValueError / TypeError: a bad argument (named); FileNotFoundError: a missing source.
         DecodeError: ``strict`` and a file cannot be used.
+        ValueError: no video of the source is usable (the message says why), or ``device`` is
+            a CUDA device and CUDA is not available.
         ImportError: ``backend="dali"`` without DALI installed.
     """
 
@@ -237,6 +261,16 @@ class ClipLoader:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        device = torch.device(device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device is {str(device)!r} but CUDA is not available "
+                                 "(torch.cuda.is_available() is False); use device='cpu'")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"device is {str(device)!r} but only "
+                                 f"{torch.cuda.device_count()} CUDA device(s) are visible")
+        elif device.type != "cpu":
+            raise ValueError(f"device must be 'cpu' or a CUDA device, got {str(device)!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if cache_bytes is None:
@@ -246,7 +280,7 @@ class ClipLoader:
         self.source = open_source(source)
         self.spec = spec
         self.train = bool(train)
-        self.device = torch.device(device)
+        self.device = device
         self.backend = backend
         self.seed = seed
         self.strict = bool(strict)
@@ -262,15 +296,23 @@ class ClipLoader:
         self._dali: dict[str, Any] = {}
 
         videos = self.source.videos
+        found = _per_class(self.source)
         self.report = LoaderReport(num_videos=len(videos), classes=list(self.source.classes),
-                                   videos_per_class=_per_class(self.source))
+                                   num_usable=len(videos), videos_per_class=dict(found),
+                                   found_per_class=found)
+        for name, n in found.items():
+            if n == 0:
+                self.report.empty_classes.append(name)
+                warnings.warn(f"vidconv.data: class {name!r} has no video", BadVideoWarning,
+                              stacklevel=2)
         self._infos: dict[int, VideoInfo] = {}
         self._backend_of: dict[int, str] = {}
         self._bad: set[int] = set()
         self._probe_all()
         self._usable = np.array(sorted(self._infos), dtype=np.int64)
-        self.report.num_usable = len(self._usable)
         self.report.backends = dict(Counter(self._backend_of.values()))
+        if not len(self._usable):
+            raise ValueError(_nothing_usable(self.source, self.report))
         self._cache: dict[int, torch.Tensor] | None = None
         frame_bytes = spec.frame_size * spec.frame_size * 3
         mine = self._usable if self.train else self._usable[self.shard_id::self.num_shards]
@@ -340,13 +382,27 @@ class ClipLoader:
         path = str(self.source.videos[index].path)
         if self.strict:
             raise DecodeError(path, reason)
+        report = self.report
         with self._lock:
             if index in self._bad:
                 return
             self._bad.add(index)
-            self.report.skipped.append(SkippedVideo(index, path, reason, stage))
-            self.report.num_skipped = len(self.report.skipped)
+            report.skipped.append(SkippedVideo(index, path, reason, stage))
+            report.num_skipped = len(report.skipped)
+            report.num_usable = report.num_videos - report.num_skipped
+            label = self.source.videos[index].label
+            name = report.classes[label] if 0 <= label < len(report.classes) else None
+            emptied = False
+            if name in report.videos_per_class:
+                report.videos_per_class[name] -= 1
+                emptied = report.videos_per_class[name] == 0
+                if emptied:
+                    report.empty_classes.append(name)
         warnings.warn(f"vidconv.data: skipping {path}: {reason}", BadVideoWarning, stacklevel=3)
+        if emptied:
+            warnings.warn(f"vidconv.data: class {name!r} has no usable video left (all "
+                          f"{report.found_per_class[name]} skipped)", BadVideoWarning,
+                          stacklevel=3)
 
     # --------------------------------------------------------------------------- sampling
 
@@ -550,10 +606,46 @@ def _per_class(source: Any) -> dict[str, int]:
 
 
 def _try_probe(path: Path) -> VideoInfo | DecodeError:
+    if path.is_dir():
+        return DecodeError(path, "is a folder, not a video file")
+    if not path.exists():
+        if path.is_symlink():
+            return DecodeError(path, f"is a broken symbolic link (to {os.readlink(path)!r})")
+        return DecodeError(path, "does not exist")
     try:
         return probe(path)
     except DecodeError as exc:
         return exc
+
+
+def _reason_kind(reason: str) -> str:
+    """A skip reason without its decoder's details ("cannot open (InvalidDataError: ...)" ->
+    "cannot open"), so that files failing the same way count together."""
+    cut = reason.find(" (")
+    return reason[:cut] if cut >= 0 and ":" in reason[cut:] else reason
+
+
+def _nothing_usable(source: Any, report: LoaderReport) -> str:
+    """Why no video of ``source`` could be read: the reasons, most common first, with an
+    example file each, and the likely cause when every listed file is missing."""
+    kinds = Counter(_reason_kind(s.reason) for s in report.skipped)
+    example = {}
+    for s in report.skipped:
+        example.setdefault(_reason_kind(s.reason), s.path)
+    why = "; ".join(f"{reason} ({n}, e.g. {example[reason]})" for reason, n in
+                    kinds.most_common(3))
+    if len(kinds) > 3:
+        why += f"; {len(kinds) - 3} other reason(s)"
+    where = getattr(source, "location", None)
+    what = "dataset" if where is None else f"dataset {str(where)!r}"
+    message = (f"no video of {what} could be read: all "
+               f"{report.num_videos} were skipped: {why}")
+    root, listed = getattr(source, "root", None), getattr(source, "list_file", None)
+    if listed is not None and set(kinds) == {"does not exist"}:
+        message += (f". The list file's paths are taken relative to the video root {str(root)!r}"
+                    " (default: the list file's folder); give the folder the paths start from"
+                    " as the video root (root=..., --root)")
+    return message
 
 
 _DALI_IMPORTABLE: bool | None = None

@@ -49,8 +49,9 @@ class VideoFolder(_Source):
     """A dataset laid out as ``root/<class>/<video>``.
 
     Classes are the sub-folders of ``root`` in sorted order (hidden ones excepted), labels their
-    index; videos are the files with a video extension (mp4, avi, mkv, webm, mov, any case)
-    directly inside a class folder, sorted by name.
+    index; videos are the entries with a video extension (mp4, avi, mkv, webm, mov, any case)
+    directly inside a class folder, sorted by name (a folder or broken link so named is
+    listed too; the loader reports it as unusable).
 
     Raises:
         FileNotFoundError: ``root`` does not exist or is not a folder.
@@ -72,7 +73,9 @@ class VideoFolder(_Source):
             VideoItem(f, label)
             for label, d in enumerate(class_dirs)
             for f in sorted(d.iterdir())
-            if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS
+            # Folders and broken links named like videos are kept, for the loader to report.
+            if f.suffix.lower() in VIDEO_EXTENSIONS
+            and (f.is_file() or f.is_dir() or (f.is_symlink() and not f.exists()))
         ]
         if not self.videos:
             raise ValueError(f"dataset root {str(self.root)!r} holds no video files (looked for "
