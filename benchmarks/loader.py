@@ -1,4 +1,4 @@
-"""Loader throughput: clips/s for decode + preprocess of 10-frame clips (issue 7's benchmark).
+"""Loader throughput: clips/s for decode + preprocess of 10-frame clips.
 
 The script writes its own videos with PyAV (H.264 mp4 and VP9 webm at 320x240, 640x360 and
 1280x720), then times `vidconv.data.ClipLoader` in training mode on them: one random 10-frame

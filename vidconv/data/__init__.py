@@ -1,4 +1,4 @@
-"""Video datasets and clip loaders (issue 7).
+"""Video datasets and clip loaders.
 
 - Sources: :class:`VideoFolder` (``root/<class>/<video>``), :class:`VideoList` (UCF-101 split
   format) and :func:`open_source`, which picks one.
