@@ -768,3 +768,40 @@ def test_evaluate_without_the_bar_prints_progress_lines(trained: dict, datasets:
     lines = capsys.readouterr().err.splitlines()
     assert lines and all(re.fullmatch(r"eval \S+: batch \d+/6", line) for line in lines), lines
     assert lines[-1].endswith("batch 6/6")
+
+
+def test_build_pieces_alone() -> None:
+    from vidconv.train.build import build_model, build_optimizer, build_scheduler
+
+    cfg = TrainConfig(data="x", width=WIDTH, optimizer="adamw", schedule="cosine",
+                      keep_prob=0.75)
+    model, frozen = build_model(cfg, 3, None)
+    assert model.num_classes == 3 and frozen == [] and model.drop1.p == pytest.approx(0.25)
+    optimizer = build_optimizer(cfg, list(model.parameters()))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    schedule = build_scheduler(cfg, optimizer, 10)
+    assert isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert schedule.T_max == 10
+    assert build_scheduler(TrainConfig(data="x", schedule="constant"), optimizer, 10) is None
+    with pytest.raises(ValueError, match="nothing to train"):
+        build_optimizer(cfg, [])
+
+
+def test_saved_files_are_fsynced_with_their_directory(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import stat
+
+    from vidconv.train.rundir import save_text
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        synced.append(kind)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_text(tmp_path / "summary.json", "{}")
+    assert synced == ["file", "dir"]
+    assert (tmp_path / "summary.json").read_text() == "{}"

@@ -7,9 +7,10 @@ fast-forwarded to the same batch and the RNG states are restored after that, so 
 continues as if never stopped.
 
 The pieces around the loop live beside it and are tested on their own: the run directory
-(lock, refusal to replace a run, atomic files) in :mod:`vidconv.train.rundir`, the ranks'
-agreement in :mod:`vidconv.train.distributed`, the metrics log and progress display in
-:mod:`vidconv.train.log`, the checkpoint format in :mod:`vidconv.train.checkpoint`.
+(lock, refusal to replace a run, atomic files) in :mod:`vidconv.train.rundir`; the model,
+optimiser and schedule in :mod:`vidconv.train.build`; the ranks' agreement in
+:mod:`vidconv.train.distributed`; the metrics log and progress display in
+:mod:`vidconv.train.log`; the checkpoint format in :mod:`vidconv.train.checkpoint`.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from torch import nn
 
 from vidconv.train import checkpoint as ckpt_io
 from vidconv.train import data as train_data
-from vidconv.train.config import RESUME_MUST_MATCH, TrainConfig
+from vidconv.train.build import build_model, build_optimizer, build_scheduler, load_resume
+from vidconv.train.config import TrainConfig
 from vidconv.train.data import loader_report, skipped_count, to_device
 from vidconv.train.device import resolve_device
 from vidconv.train.distributed import Group, init_group
-from vidconv.train.freezing import apply_finetune, set_train_mode
+from vidconv.train.freezing import set_train_mode
 from vidconv.train.log import CSV_FIELDS, LogWindow, MetricsLog, Progress
 from vidconv.train.metrics import to_json_safe
 from vidconv.train.rundir import RunDir, note, save_text
@@ -80,8 +82,9 @@ class Trainer:
         self.source = train_data.open_data(config.data, config.root)
         self.classes = list(self.source.classes)
 
-        resume = self._load_resume() if config.resume else None
-        self.model, self.frozen = self._build_model(resume)
+        resume = (load_resume(config, self.ckpt_path, self.classes) if config.resume
+                  else None)
+        self.model, self.frozen = build_model(config, len(self.classes), resume)
         self.use_cuda = self.device.type == "cuda"
         self.channels_last = config.channels_last and self.use_cuda
         self.model.to(self.device)
@@ -89,18 +92,8 @@ class Trainer:
             self.model.to(memory_format=torch.channels_last_3d)
         if resume is not None:
             self.model.load_state_dict(resume["state_dict"])
-
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("nothing to train: every parameter is frozen")
-        self.params = params
-        if config.optimizer == "sgd":
-            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=config.lr, momentum=config.momentum,
-                weight_decay=config.weight_decay)
-        else:
-            self.optimizer = torch.optim.AdamW(params, lr=config.lr,
-                                               weight_decay=config.weight_decay)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(config, self.params)
 
         self.loader = train_data.make_loader(
             self.source, self.model.spec, batch_size=config.batch_size, train=True,
@@ -119,13 +112,7 @@ class Trainer:
         # too noisy to tell a plateau from chance and the LR would collapse within a few epochs.
         self.plateau_window = config.plateau_window or max(steps_per_epoch, 100)
 
-        self.scheduler: Any = None
-        if config.schedule == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                self.optimizer, T_max=self.total_steps)
-        elif config.schedule == "plateau":
-            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, mode="min", factor=config.lr_factor, patience=config.patience)
+        self.scheduler = build_scheduler(config, self.optimizer, self.total_steps)
 
         self.step = 0
         self.epoch = 0
@@ -150,60 +137,6 @@ class Trainer:
 
             self.ddp_model = DDP(self.model,
                                  device_ids=[self.device.index] if self.use_cuda else None)
-
-    def _load_resume(self) -> dict[str, Any]:
-        if not self.ckpt_path.is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint at {self.ckpt_path} (run directory "
-                                    f"{self.run_dir}); drop --resume to start a new run")
-        resume = ckpt_io.load_checkpoint(self.ckpt_path)
-        old = resume.get("config") or {}
-        if self.config.init_from is not None:
-            # A fine-tuning run's model fields came from the pretrained checkpoint.
-            for key in ("model", "multires", "stream", "width"):
-                if key in old:
-                    setattr(self.config, key, old[key])
-        diffs = [f"{key}: checkpoint has {old.get(key)!r}, this run {getattr(self.config, key)!r}"
-                 for key in RESUME_MUST_MATCH if old.get(key) != getattr(self.config, key)]
-        if diffs:
-            raise ValueError(f"--resume: {self.ckpt_path} was written by a different run: "
-                             + "; ".join(diffs))
-        if list(resume["classes"]) != self.classes:
-            raise ValueError(f"--resume: the dataset's classes differ from the checkpoint's "
-                             f"({len(self.classes)} vs {len(resume['classes'])} classes)")
-        return resume
-
-    def _build_model(self, resume: dict[str, Any] | None) -> tuple[nn.Module, list[nn.Module]]:
-        from vidconv.models import build
-
-        cfg = self.config
-        num_classes = len(self.classes)
-        if resume is not None:
-            model = ckpt_io.build_model(resume["model"])
-        elif cfg.init_from is not None:
-            init = ckpt_io.load_checkpoint(cfg.init_from)
-            if cfg.finetune_mode == "scratch":
-                model = ckpt_io.build_model({**init["model"], "num_classes": num_classes})
-            else:
-                model = ckpt_io.build_model(init["model"])
-                try:
-                    model.load_state_dict(init["state_dict"])
-                except RuntimeError as exc:
-                    raise ValueError(f"checkpoint {cfg.init_from} does not fit "
-                                     f"{ckpt_io.describe(init['model'])}: {exc}") from exc
-                model.reset_classifier(num_classes)
-            # The run's model fields follow the checkpoint, so config.json tells the truth.
-            info = init["model"]
-            cfg.model, cfg.multires, cfg.stream, cfg.width = (
-                info["name"], info["multires"], info["stream"], info["width"])
-        else:
-            model = build(cfg.model, num_classes, multires=cfg.multires, stream=cfg.stream,
-                          width=cfg.width, dropout=cfg.dropout)
-        frozen: list[nn.Module] = []
-        if cfg.finetune_mode is not None:
-            frozen = apply_finetune(model, cfg.finetune_mode, cfg.keep_prob)
-        elif cfg.keep_prob is not None:
-            model.set_dropout(1.0 - cfg.keep_prob)
-        return model, frozen
 
     # ------------------------------------------------------------------------------ checkpoint
 
