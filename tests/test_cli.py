@@ -259,3 +259,39 @@ def test_a_second_ctrl_c_is_one_line_and_exit_130(data: dict[str, Path], tmp_pat
     line = [ln for ln in err.splitlines() if ln.startswith("vidconv: error:")]
     assert line and "interrupted twice" in line[0] and str(tmp_path / "r") in line[0]
     assert not [p for p in os.listdir(tmp_path / "r") if ".tmp" in p]
+
+
+def test_two_trainings_on_one_run_directory(data: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A second training on a directory a running one uses is refused, naming the first one's
+    PID, and leaves the first one's files alone."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", str(data["train"]), "--out", str(run), "--batch-size", "3", "--width",
+            "0.05", "--no-progress", "--log-every", "100000"]
+    first = subprocess.Popen([sys.executable, "-m", "vidconv", *args, "--steps", "100000",
+                              "--checkpoint-every", "100000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "config.json").exists():  # written once the run holds the directory
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first training did not start"
+            time.sleep(0.2)
+        config = (run / "config.json").read_text()
+        assert main([*args, "--steps", "2"]) == 2
+        err = capsys.readouterr().err
+        assert f"run directory {run} is in use by another vidconv run (PID {first.pid})" in err
+        assert (run / "config.json").read_text() == config
+    finally:
+        first.send_signal(signal.SIGTERM)
+        try:
+            code = first.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            raise
+    assert code == 130  # stopped by SIGTERM after saving a checkpoint
+    assert main([*args, "--steps", "2", "--overwrite"]) == 0  # free once it has ended
