@@ -212,12 +212,19 @@ def test_run_directory_errors_are_one_line(data: dict[str, Path], tmp_path: Path
     assert main(["train", str(data["train"]), "--out", str(tmp_path / "file"), *common]) == 2
     assert "is a file, not a directory" in _one_error_line(capsys.readouterr().err)
 
-    run = tmp_path / "run"
-    assert main(["train", str(data["train"]), "--out", str(run), *common]) == 0
-    capsys.readouterr()
     # the default --out of a second run would replace the first one: refused
-    assert main(["train", str(data["train"]), "--out", str(run), *common]) == 2
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "run"
+    assert main(["train", str(data["train"]), *common]) == 0
+    assert (run / "checkpoint.pt").is_file()
+    before = (run / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", str(data["train"]), *common]) == 2
+    assert "runs/run already holds a run" in _one_error_line(capsys.readouterr().err)
+    assert main(["finetune", str(run), str(data["train"]), "--out", str(run), "--steps", "2",
+                 "--no-progress"]) == 2
     assert "already holds a run" in _one_error_line(capsys.readouterr().err)
+    assert (run / "checkpoint.pt").read_bytes() == before
 
     # a full disk while saving: named, and no partial checkpoint left to keep it full
     def disk_full(obj: object, f: object, *args: object, **kwargs: object) -> None:
