@@ -260,8 +260,9 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(datasets: dict[str, Pa
             assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
     # the log too: no extra row where the run stopped, the same means in the rows after it
     assert _log_rows(tmp_path / "part") == _log_rows(tmp_path / "full")
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*drop --resume"):
         train(TrainConfig(out=str(tmp_path / "nothing"), resume=True, **cfg))
+    assert not (tmp_path / "nothing").exists()  # nothing created for a run that cannot start
     # a changed dropout would silently not apply (the model comes from the checkpoint)
     with pytest.raises(ValueError, match="dropout: checkpoint has 0.5, this run 0.2"):
         train(TrainConfig(out=str(tmp_path / "part"), resume=True, **{**cfg, "dropout": 0.2}))
@@ -573,6 +574,24 @@ def test_a_full_disk_leaves_the_old_checkpoint_and_no_temp_file(
         save_checkpoint(path, {"model": {}, "classes": ["b"], "state_dict": {}})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
     assert path.read_bytes() == before
+
+
+def test_an_unwritable_run_directory_is_named(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from vidconv.train import rundir
+
+    def refused(file: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+
+    # what a directory without write permission does (chmod does not stop root)
+    monkeypatch.setattr(rundir, "open", refused, raising=False)
+    with pytest.raises(OSError, match=r"cannot write the checkpoint .*checkpoint.pt: "
+                                      r"permission denied"):
+        save_checkpoint(tmp_path / "checkpoint.pt", {"model": {}, "classes": [],
+                                                     "state_dict": {}})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_dir_lock_names_the_directory_and_the_holder(tmp_path: Path) -> None:

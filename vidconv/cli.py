@@ -94,7 +94,8 @@ def _add_training(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     g.add_argument("--log-every", type=_positive_int, default=10)
     g.add_argument("--workers", type=int, default=0, help="loader worker processes")
     g.add_argument("--backend", default="auto", help="video decoder: auto, pyav, dali")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar: one line per metrics row on stderr instead")
     once = g.add_mutually_exclusive_group()
     once.add_argument("--resume", action="store_true",
                       help="continue from OUT/checkpoint.pt exactly where it stopped")

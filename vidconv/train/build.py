@@ -13,6 +13,7 @@ from torch import nn
 from vidconv.train import checkpoint as ckpt_io
 from vidconv.train.config import RESUME_MUST_MATCH, TrainConfig
 from vidconv.train.freezing import apply_finetune
+from vidconv.train.rundir import RunDir
 
 
 def load_resume(config: TrainConfig, path: Path, classes: list[str]) -> dict[str, Any]:
@@ -25,8 +26,7 @@ def load_resume(config: TrainConfig, path: Path, classes: list[str]) -> dict[str
         ValueError: naming every option that differs, or the dataset's classes differ.
     """
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} (run directory "
-                                f"{path.parent}); drop --resume to start a new run")
+        raise RunDir(path.parent).no_checkpoint_error()
     resume = ckpt_io.load_checkpoint(path)
     old = resume.get("config") or {}
     if config.init_from is not None:

@@ -137,7 +137,10 @@ class MetricsLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+            # hide the events the CSV dropped: those past the checkpoint, and a dropped row's
+            purge = drop_step if drop_step is not None else resume_step + 1
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                    purge_step=purge if resume_step else None)
         except Exception:  # noqa: BLE001 - tensorboard is optional
             self.tb = None
 

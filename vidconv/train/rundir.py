@@ -111,12 +111,15 @@ class RunDir:
         files of an interrupted save removed, an old run replaced).
 
         Raises:
+            FileNotFoundError: `resume` and there is no checkpoint to resume.
             RunDirError: the path is a file, cannot be created or written, another run holds
                 the lock, or it holds a run and neither `resume` nor `overwrite` is set.
         """
         if resume and overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues the "
                              f"run in {self.path}, overwrite replaces it")
+        if resume and not self.checkpoint.is_file():
+            raise self.no_checkpoint_error()  # before creating anything: nothing to resume
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"run directory {self.path} is a file, not a directory; choose "
                               "another --out")
@@ -139,6 +142,13 @@ class RunDir:
             self.release()
             raise
         return notes
+
+    def no_checkpoint_error(self) -> FileNotFoundError:
+        # a run that died before its first checkpoint still left its logs
+        instead = ("pass --overwrite instead of --resume to start a new run there"
+                   if self.holds_run() else "drop --resume to start a new run")
+        return FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint} (run directory "
+                                 f"{self.path}); {instead}")
 
     def _describe(self) -> str:
         found = [name for name in RUN_FILES if (self.path / name).exists()]
