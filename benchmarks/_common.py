@@ -26,7 +26,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 def resolve_device(name: str | None) -> torch.device:
     """'auto' or None picks CUDA when there is a device; a device that is not there (or a bad
     name) ends the script with vidconv.train's one-line message instead of a traceback."""
-    from vidconv.train.engine import resolve_device as resolve
+    from vidconv.train.device import resolve_device as resolve
 
     try:
         return resolve(name or "auto")

@@ -440,8 +440,9 @@ def _train_fields(s: Settings, epochs: int) -> dict[str, Any]:
     # The training loader draws one random clip per video per pass (its epoch), so an epoch of
     # `train_clips_per_video` clips per video (the baseline's) is that many loader passes.
     passes = epochs * s.scale.train_clips_per_video
+    # overwrite: a rerun with the same --work-dir retrains its runs (only the data is reused)
     return {**TRAIN_FIELDS, "batch_size": s.scale.batch_size, "epochs": passes,
-            "device": str(s.device), "seed": s.seed, "progress": False,
+            "device": str(s.device), "seed": s.seed, "progress": False, "overwrite": True,
             "checkpoint_every": 10**9, "log_every": 10**9, "width": s.scale.width}
 
 

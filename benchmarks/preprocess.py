@@ -1,4 +1,4 @@
-"""Fused preprocessing vs the same work in composed torch ops (issue 2's benchmark).
+"""Fused preprocessing vs the same work in composed torch ops.
 
 Two workloads, each timed for vidconv's op and for a composed-torch baseline that computes the
 same tensor (checked before timing):

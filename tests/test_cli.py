@@ -4,6 +4,7 @@ on a tiny synthetic dataset (CPU, a few steps; accuracy is tested in test_train.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,140 @@ def test_baseline_train_and_evaluate_report(data: dict[str, Path], tmp_path: Pat
     assert report["clips"] == 2 and report["views"] == 1 and report["skipped_videos"] == 0
     assert report["num_videos"] == 3 and report["num_clips"] == 6
     assert len(report["classes"]) == 2 and report["per_class"][1] is None
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number, got nan"),
+    (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+    (["--width", "1e400"], "argument --width: must be a finite number"),
+    (["--dropout", "x"], "argument --dropout: must be a number, got 'x'"),
+    (["--seed", "1e23"], "argument --seed: must be an integer in [0, 2**32), got '1e23'"),
+    (["--seed", str(10**23)], "argument --seed: must be an integer in [0, 2**32)"),
+    (["--resume", "--overwrite"], "argument --overwrite: not allowed with argument --resume"),
+])
+def test_bad_numbers_are_argument_errors(argv: list[str], expected: str, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vidconv: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("device", ["meta", "mps"])
+def test_devices_without_kernels_are_one_line_errors(device: str, data: dict[str, Path],
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", str(data["train"]), "--out", str(tmp_path / "r"), "--device", device,
+                 "--no-progress"]) == 2
+    assert f"got {device!r}" in _one_error_line(capsys.readouterr().err)
+
+
+def test_run_directory_errors_are_one_line(data: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import torch
+
+    common = ["--steps", "2", "--batch-size", "3", "--width", "0.05", "--no-progress",
+              "--checkpoint-every", "1"]
+    (tmp_path / "file").write_text("x")
+    assert main(["train", str(data["train"]), "--out", str(tmp_path / "file"), *common]) == 2
+    assert "is a file, not a directory" in _one_error_line(capsys.readouterr().err)
+
+    # the default --out of a second run would replace the first one: refused
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "run"
+    assert main(["train", str(data["train"]), *common]) == 0
+    assert (run / "checkpoint.pt").is_file()
+    before = (run / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", str(data["train"]), *common]) == 2
+    assert "runs/run already holds a run" in _one_error_line(capsys.readouterr().err)
+    assert main(["finetune", str(run), str(data["train"]), "--out", str(run), "--steps", "2",
+                 "--no-progress"]) == 2
+    assert "already holds a run" in _one_error_line(capsys.readouterr().err)
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+    # a full disk while saving: named, and no partial checkpoint left to keep it full
+    def disk_full(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        f.write(b"\x80" * 4096)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert main(["train", str(data["train"]), "--out", str(run), "--overwrite", *common]) == 2
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("vidconv: error:")]
+    assert line == [f"vidconv: error: cannot write the checkpoint {run / 'checkpoint.pt'}: the "
+                    "disk is full (no space left on device)"], err
+    assert not [p for p in os.listdir(run) if ".tmp" in p]
+
+
+def test_a_second_ctrl_c_is_one_line_and_exit_130(data: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from vidconv.train.engine import Trainer
+
+    step = Trainer._train_step
+
+    def pressed_twice(self: Trainer, batch: object) -> object:
+        out = step(self, batch)
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "_train_step", pressed_twice)
+    try:
+        code = main(["train", str(data["train"]), "--out", str(tmp_path / "r"), "--steps", "3",
+                     "--batch-size", "3", "--width", "0.05", "--no-progress"])
+    except KeyboardInterrupt:
+        pytest.fail("the second Ctrl-C escaped as a KeyboardInterrupt traceback")
+    assert code == 130
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("vidconv: error:")]
+    assert line and "interrupted twice" in line[0] and str(tmp_path / "r") in line[0]
+    assert not [p for p in os.listdir(tmp_path / "r") if ".tmp" in p]
+
+
+def test_two_trainings_on_one_run_directory(data: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A second training on a directory a running one uses is refused, naming the first one's
+    PID, and leaves the first one's files alone."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", str(data["train"]), "--out", str(run), "--batch-size", "3", "--width",
+            "0.05", "--no-progress", "--log-every", "100000"]
+    first = subprocess.Popen([sys.executable, "-m", "vidconv", *args, "--steps", "100000",
+                              "--checkpoint-every", "100000"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "config.json").exists():  # written once the run holds the directory
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first training did not start"
+            time.sleep(0.2)
+        config = (run / "config.json").read_text()
+        assert main([*args, "--steps", "2"]) == 2
+        err = capsys.readouterr().err
+        assert f"run directory {run} is in use by another vidconv run (PID {first.pid})" in err
+        assert (run / "config.json").read_text() == config
+    finally:
+        first.send_signal(signal.SIGTERM)
+        try:
+            code = first.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            raise
+    assert code == 130  # stopped by SIGTERM after saving a checkpoint
+    assert main([*args, "--steps", "2", "--overwrite"]) == 0  # free once it has ended

@@ -1,4 +1,4 @@
-"""benchmarks/paper_tables.py: the quick grid (issue 6: the one CI runs, ~6 min on 2 cores) runs
+"""benchmarks/paper_tables.py: the quick grid (the one CI runs, ~6 min on 2 cores) runs
 end to end, its report is complete, and every model in it beats chance."""
 
 from __future__ import annotations

@@ -14,13 +14,15 @@ Multi-process training: ``torchrun --nproc_per_node 8 -m vidconv train ...``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vidconv.train.config import FINETUNE_MODES, OPTIMIZERS, SCHEDULES
+from vidconv.train.config import FINETUNE_MODES, MAX_SEED, OPTIMIZERS, SCHEDULES
 
 PAPER = "Karpathy et al. 2014"
 
@@ -32,13 +34,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fraction(text: str, *, drop: bool) -> float:
-    """A drop probability in [0, 1) or a keep probability in (0, 1]: dropping every unit (or
-    keeping none) would leave nothing to train."""
+def _finite_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text!r}"
+                                         ) from None
+    if not 0 <= value < MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value
+
+
+def _fraction(text: str, *, drop: bool) -> float:
+    """A drop probability in [0, 1) or a keep probability in (0, 1]: dropping every unit (or
+    keeping none) would leave nothing to train."""
+    value = _finite_float(text)
     if drop and not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(
             f"must be a drop probability in [0, 1) (1 would drop every unit), got {text}")
@@ -110,38 +130,46 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 def _add_training(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     g = p.add_argument_group("optimisation (defaults: the paper's)")
     g.add_argument("--out", default="runs/finetune" if finetune else "runs/run",
-                   help="run directory: checkpoint.pt, metrics.csv, summary.json")
+                   help="run directory: checkpoint.pt, metrics.csv, summary.json (default "
+                        "%(default)s); one that already holds a run is refused unless "
+                        "--resume or --overwrite is given, and one that another run is "
+                        "using is refused")
     g.add_argument("--batch-size", type=_positive_int, default=32)
     g.add_argument("--steps", type=_positive_int, default=None,
                    help="optimiser steps in total (default: --epochs passes over the data)")
     g.add_argument("--epochs", type=_positive_int, default=1)
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--lr", type=_finite_float, default=1e-3)
+    g.add_argument("--momentum", type=_finite_float, default=0.9)
+    g.add_argument("--weight-decay", type=_finite_float, default=5e-4)
     g.add_argument("--schedule", choices=SCHEDULES, default="plateau",
                    help="plateau: lower the LR when the training loss stops improving")
-    g.add_argument("--lr-factor", type=float, default=0.1, help="plateau: LR multiplier")
+    g.add_argument("--lr-factor", type=_finite_float, default=0.1, help="plateau: LR multiplier")
     g.add_argument("--patience", type=_positive_int, default=2,
                    help="plateau: checks without improvement before lowering the LR")
     g.add_argument("--plateau-window", type=_positive_int, default=None,
                    help="plateau: steps per check (default one epoch, at least 100)")
-    g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm")
+    g.add_argument("--grad-clip", type=_finite_float, default=None, help="clip the gradient norm")
     g.add_argument("--no-amp", dest="amp", action="store_false",
                    help="no bf16 autocast (autocast is used on CUDA only)")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep NCDHW instead of channels_last_3d (CUDA only)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=_seed, default=0, help="integer in [0, 2**32)")
     g.add_argument("--checkpoint-every", type=_positive_int, default=500,
                    help="steps between checkpoints (one is also written at the end and on "
                         "Ctrl-C / SIGTERM)")
     g.add_argument("--log-every", type=_positive_int, default=10)
     g.add_argument("--workers", type=int, default=0, help="loader worker processes")
     g.add_argument("--backend", default="auto", help="video decoder: auto, pyav, dali")
-    g.add_argument("--no-progress", dest="progress", action="store_false")
-    g.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint.pt exactly where it stopped")
+    g.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar: one line per metrics row on stderr instead")
+    once = g.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true",
+                      help="continue from OUT/checkpoint.pt exactly where it stopped")
+    once.add_argument("--overwrite", action="store_true",
+                      help="replace the run in OUT (its checkpoint, config, metrics, summary "
+                           "and tensorboard logs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--multires", action="store_true", help="fovea + context streams (89x89)")
     m.add_argument("--stream", choices=("both", "fovea", "context"), default="both",
                    help="with --multires: one stream only")
-    m.add_argument("--width", type=float, default=1.0, help="scale of every layer's width")
+    m.add_argument("--width", type=_finite_float, default=1.0,
+                   help="scale of every layer's width")
     _add_dropout(m, dest="dropout", default=0.5, where="before each FC layer")
     _add_training(p, finetune=False)
     p.set_defaults(func=cmd_train)
@@ -443,7 +472,7 @@ def _train_fields(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("root", "out", "batch_size", "steps", "epochs", "optimizer", "lr", "momentum",
             "weight_decay", "schedule", "lr_factor", "patience", "plateau_window", "grad_clip",
             "amp", "channels_last", "device", "seed", "checkpoint_every", "log_every", "workers",
-            "backend", "progress", "resume")
+            "backend", "progress", "resume", "overwrite")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -531,14 +560,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _os_error_text(exc: OSError) -> str:
+    """Our own OSErrors carry a sentence; the system's get 'path: cause'."""
+    if exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    print(f"vidconv: warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vidconv`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError, ImportError, FloatingPointError) as exc:
-        return _fail(str(exc))
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line, no source path
+        try:
+            return int(args.func(args) or 0)
+        except (ValueError, TypeError, ImportError, FloatingPointError) as exc:
+            return _fail(str(exc))
+        except OSError as exc:  # FileNotFoundError, a full disk, a run directory in use, ...
+            return _fail(_os_error_text(exc))
+        except KeyboardInterrupt as exc:
+            _fail(str(exc) or "interrupted")
+            return 130
 
 
 if __name__ == "__main__":

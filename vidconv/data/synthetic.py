@@ -704,7 +704,7 @@ def write_dataset(root: str | os.PathLike[str], *,
 
 
 # ------------------------------------------------------------------------------------------
-# The two-set benchmark (issue 6)
+# The two-set benchmark: pretraining classes and transfer classes, each with train and test
 # ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

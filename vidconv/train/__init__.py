@@ -14,7 +14,8 @@ from vidconv.train.checkpoint import load_checkpoint, load_model, save_checkpoin
 from vidconv.train.config import TrainConfig
 from vidconv.train.engine import Trainer, train
 from vidconv.train.evaluation import compare, evaluate, load_groups
-from vidconv.train.finetune import apply_finetune, finetune, trainable_groups
+from vidconv.train.finetune import finetune
+from vidconv.train.freezing import apply_finetune, trainable_groups
 
 __all__ = [
     "TrainConfig",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -10,6 +11,10 @@ from typing import Any
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("plateau", "cosine", "constant")
 FINETUNE_MODES = ("top", "top3", "all", "scratch")
+FLOAT_FIELDS = ("width", "dropout", "lr", "momentum", "weight_decay", "lr_factor", "grad_clip",
+                "keep_prob")
+# NumPy's legacy seeding limit; torch.manual_seed takes more, but one rule for both is simpler
+MAX_SEED = 2**32
 
 
 @dataclass
@@ -58,6 +63,7 @@ class TrainConfig:
     backend: str = "auto"
     progress: bool = True
     resume: bool = False
+    overwrite: bool = False
     init_from: str | None = None
     finetune_mode: str | None = None
     keep_prob: float | None = None
@@ -74,6 +80,23 @@ class TrainConfig:
             if os.path.isdir(self.init_from):
                 self.init_from = os.path.join(self.init_from, "checkpoint.pt")
             self.init_from = os.path.realpath(self.init_from)
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in ("grad_clip", "keep_prob"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the "
+                             f"run in {self.out}, overwrite replaces it")
+        if not self.width > 0:
+            raise ValueError(f"width must be positive, got {self.width!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:

@@ -21,7 +21,8 @@ from vidconv.train import data as train_data
 from vidconv.train import metrics
 from vidconv.train.checkpoint import load_model, model_info
 from vidconv.train.data import loader_report, skipped_count, to_device
-from vidconv.train.engine import resolve_device
+from vidconv.train.device import resolve_device
+from vidconv.train.log import Progress
 from vidconv.train.metrics import to_json_safe
 
 
@@ -152,12 +153,14 @@ def evaluate(
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
     all_scores, all_labels, all_videos = [], [], []
-    batches: Any = loader
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(loader, total=len(loader), unit="batch", desc=f"eval {model.variant}")
-    for batch in batches:
+    # without the bar, a line at every tenth of the batches
+    shown = Progress(total=len(loader), initial=0, desc=f"eval {model.variant}", bar=progress,
+                     enabled=True, unit="batch")
+    every = max(1, len(loader) // 10)
+    for done, batch in enumerate(loader, 1):
+        shown.update(1)
+        if not progress and (done % every == 0 or done == len(loader)):
+            shown.report(done)
         inputs = to_device(batch.inputs, dev, channels_last)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
                             enabled=dev.type == "cuda"):
@@ -165,6 +168,7 @@ def evaluate(
         all_scores.append(logits.float().softmax(1).cpu())
         all_labels.append(mapping[batch.labels.cpu()])
         all_videos.append(batch.video_index.cpu())
+    shown.close()
     if was_training:
         model.train()
     num_classes = len(model_classes)
