@@ -27,8 +27,15 @@ from vidconv.train.config import FINETUNE_MODES, MAX_SEED, OPTIMIZERS, SCHEDULES
 PAPER = "Karpathy et al. 2014"
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _integer(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -52,6 +59,28 @@ def _seed(text: str) -> int:
                                          ) from None
     if not 0 <= value < MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {text}")
+    return value
+
+
+def _even_size(text: str) -> int:
+    value = _positive_int(text)
+    if value < 8 or value % 2:
+        raise argparse.ArgumentTypeError(f"must be an even number of pixels >= 8 (the videos "
+                                         f"are yuv420p), got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
     return value
 
 
@@ -299,29 +328,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     for row in report.skipped:
         print(f"skipped {row['source']}: {row['reason']}")
     print(f"index: {Path(args.out) / 'index.json'}")
-def _even_size(text: str) -> int:
-    value = _positive_int(text)
-    if value < 8 or value % 2:
-        raise argparse.ArgumentTypeError(f"must be an even number of pixels >= 8 (the videos "
-                                         f"are yuv420p), got {text}")
-    return value
-
-
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a probability in [0, 1], got {text}")
-    return value
 
 
 def _nonnegative_float(text: str) -> float:
