@@ -30,6 +30,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def conv_plan_cache(tmp_path_factory: pytest.TempPathFactory,
+                    monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty st_conv3d plan (memory and cache file), so no test writes
+    into the user's ~/.cache/vidconv or sees another test's decisions, and no knob leaks in."""
+    from vidconv.ops import conv_planner
+
+    cache = tmp_path_factory.mktemp("vidconv-cache")
+    monkeypatch.setenv("VIDCONV_CACHE_DIR", str(cache))
+    monkeypatch.delenv("VIDCONV_CONV_ALGO", raising=False)
+    monkeypatch.delenv("VIDCONV_TUNE", raising=False)
+    conv_planner.clear_conv_plan()
+    yield cache
+    conv_planner.clear_conv_plan()
+
+
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -204,14 +204,19 @@ def _emulator():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build the emulator")
 def test_cuda_kernel_host_emulation(tmp_path):
     # Every block and thread of the kernel stepped on the CPU (tools/emulate_st_conv.py): shared
-    # memory contents per stage, each output written once, values vs float64 conv3d.
+    # memory contents per stage, each output written once, values vs float64 conv3d; in every
+    # tile configuration the launcher can choose.
     emu = _emulator()
     exe = emu.build(tmp_path)
     case = ("ragged", 2, 5, 65, (3, 2, 5), (1, 2, 1), (2, 1, 3), (3, 6, 7))
     for i, dtype in enumerate((torch.float32, torch.float16, torch.bfloat16)):
-        ok, line = emu.run_case(exe, tmp_path, case, dtype, relu=i != 1, has_bias=i != 2,
-                                seed=i)
-        assert ok, line
+        names = emu.tiles(exe, dtype)
+        assert len(names) >= 2, names
+        for tile, name in enumerate(names):
+            ok, line = emu.run_case(exe, tmp_path, case, dtype, relu=i != 1,
+                                    has_bias=(i + tile) % 3 != 2, seed=i + 10 * tile, tile=tile)
+            assert ok, line
+            assert f"tile={name}" in line
 
 
 # ---- bad input ----------------------------------------------------------------------------
