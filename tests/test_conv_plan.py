@@ -91,11 +91,11 @@ def _assert_matches(out, ref, got, want, dtype):
 
 def _inject(monkeypatch, times_ms: dict[str, float], calls: list | None = None):
     """Every candidate's timed runs report times_ms[name] (default 50 ms)."""
-    def fake(name, run, device, repeats, best_ms):
+    def fake(name, run, device, repeats):
         run()
         if calls is not None:
             calls.append(name)
-        return [times_ms.get(name, 50.0)] * 2
+        return [times_ms.get(name, 50.0)] * repeats
 
     monkeypatch.setattr(conv_planner, "time_candidate", fake)
 
@@ -140,6 +140,10 @@ def test_candidates_follow_the_layer_shape():
     assert names(kernel=(10, 3, 3)) >= {"conv2d_stacked_cl"}  # one output frame (early fusion)
     # Already channels_last_3d: the reference is conv3d_cl, which is then not timed twice.
     assert "conv3d_cl" not in names(x_format="channels_last_3d", w_format="channels_last_3d")
+    # On the CPU a channels_last_3d x is not turned into NC(D)HW; on CUDA it may be.
+    assert names(x_format="channels_last_3d") == {"aten", "conv3d_cl", "conv2d_frames_cl"}
+    assert names(x_format="channels_last_3d", device_type="cuda") >= {
+        "conv3d_ncdhw", "conv2d_frames_nchw", "conv2d_frames_cl"}
     assert not any(n.startswith("fused_") for n in names())
 
 
@@ -523,9 +527,9 @@ from vidconv.ops import conv_plan, conv_planner, st_conv3d
 rank = int(os.environ["RANK"])
 # Each rank's own measurement prefers another candidate: only the broadcast can make them agree.
 fastest = ["conv2d_frames_cl", "conv3d_cl"][rank]
-def fake(name, run, device, repeats, best_ms):
+def fake(name, run, device, repeats):
     run()
-    return [1.0 if name == fastest else 5.0]
+    return [1.0 if name == fastest else 5.0] * repeats
 conv_planner.time_candidate = fake
 dist.init_process_group("gloo", init_method="env://")
 x = torch.randn(2, 5, 3, 7, 8, requires_grad=True)

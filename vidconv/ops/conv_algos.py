@@ -7,6 +7,12 @@ the fastest that agrees with the reference:
 - ``conv3d_ncdhw``, ``conv3d_cl``: ATen's 3D convolution (cuDNN / oneDNN) with x, weight and the
   gradients first laid out in NCDHW or ``channels_last_3d``. Each is left out where it would be
   the reference again (x and weight already in that layout).
+
+On the CPU, the candidates that would turn a ``channels_last_3d`` x into NC(D)HW
+(``conv3d_ncdhw``, ``*_nchw``) are not offered: oneDNN computes in channels-last (or blocked)
+layouts anyway, so they add two layout copies to its work and lost every layer in measurement,
+and leaving them out halves a model's tuning time on the CPU. From a contiguous x, converting to
+channels-last can pay off, so those candidates stay.
 - ``conv2d_frames_nchw``, ``conv2d_frames_cl``: temporal extent 1 and no temporal padding (the
   single-frame tower, late fusion, conv4/conv5 of every model): the frames the convolution reads
   (every ``st``-th) are folded into the batch and one 2D convolution runs over them. From a
@@ -155,12 +161,17 @@ def _conv3d_in(fmt: torch.memory_format) -> Algorithm:
 
     def applies(p: Problem) -> bool:
         # Already in this layout, the reference runs exactly this.
-        return not (p.x_format == name and p.w_format == name)
+        return not (p.x_format == name and p.w_format == name) and (
+            fmt == _CL3 or not _cpu_channels_last(p))
 
     return Algorithm(f"conv3d_{tag}", applies, forward, input_grad, weight_grad)
 
 
 # ---- temporal extent 1: frames folded into the batch ------------------------------------------
+
+
+def _cpu_channels_last(p: Problem) -> bool:
+    return p.device_type == "cpu" and p.x_format == "channels_last_3d"
 
 
 def _frames_apply(p: Problem) -> bool:
@@ -208,7 +219,10 @@ def _frames_in(fmt: torch.memory_format) -> Algorithm:
         gw2 = _conv_backward(g2, x2, w2, stride[1:], padding[1:], [False, True, False])[1]
         return laid_out_like(gw2.unsqueeze(2), weight)
 
-    return Algorithm(f"conv2d_frames_{tag}", _frames_apply, forward, input_grad, weight_grad)
+    def applies(p: Problem) -> bool:
+        return _frames_apply(p) and (fmt == _CL2 or not _cpu_channels_last(p))
+
+    return Algorithm(f"conv2d_frames_{tag}", applies, forward, input_grad, weight_grad)
 
 
 # ---- disjoint groups of kt frames stacked along channels --------------------------------------
@@ -267,7 +281,10 @@ def _stacked_in(fmt: torch.memory_format) -> Algorithm:
                              [False, True, False])[1]
         return laid_out_like(gw2.reshape(weight.shape), weight)
 
-    return Algorithm(f"conv2d_stacked_{tag}", _stacked_apply, forward, input_grad, weight_grad)
+    def applies(p: Problem) -> bool:
+        return _stacked_apply(p) and (fmt == _CL2 or not _cpu_channels_last(p))
+
+    return Algorithm(f"conv2d_stacked_{tag}", applies, forward, input_grad, weight_grad)
 
 
 # ---- the hand-written CUDA kernel -------------------------------------------------------------
