@@ -449,7 +449,7 @@ def _every_candidate(layer, device, dtype, x_format=torch.contiguous_format):
     x, w, _ = _inputs(**layer, device=device, dtype=dtype)
     x = x.contiguous(memory_format=x_format)
     key = conv_planner.make_key("forward", x, w, True, layer["stride"], layer["padding"], True)
-    return [a.name for a in conv_planner._candidates(key, x.device.type, dtype)]
+    return [a.name for a in conv_planner.candidates_for(key, x.device.type, dtype)]
 
 
 @pytest.mark.parametrize("layer", PAPER_LAYERS,
