@@ -14,9 +14,10 @@ forward and training step, and for training also at the paper's batch of 32 (mod
 auto only; on CUDA the default batch is 32 already); the summary says pass or fail per model.
 
 On CUDA: bf16 autocast, channels_last_3d, full width, batch 32 (the paper's mini-batch), CUDA
-events, median of repeats after warm-up. On the CPU the defaults are chosen to finish in under
-two minutes on 2 cores (narrow width, small batch); the table header states them. A training
-step is forward + cross-entropy + backward + fused SGD (momentum 0.9, weight decay 5e-4, the
+events, median of repeats after warm-up. On the CPU the defaults (narrow width, small batch) keep
+the default run to a few minutes on 2 cores (``--conv-algos auto`` or ``--modes forward,train``
+halve it); the table header states them. A training step is forward + cross-entropy + backward +
+fused SGD (momentum 0.9, weight decay 5e-4, the
 paper's). "% peak" is the achieved multiply-add rate (a training step counted as 3x the forward
 MACs) over the device's measured dense-matmul rate in the same run.
 
@@ -324,9 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not vidconv.build_info().has_cuda_kernels:
         conv_path = "F.conv3d (vidconv built without CUDA kernels)"
     elif device.type == "cuda":
-        conv_path = "vidconv.ops.st_conv3d CUDA kernel"
+        conv_path = ("vidconv.ops.st_conv3d, per-layer choice among cuDNN 3D/2D and the fused "
+                     "kernel's tiles")
     else:
-        conv_path = "vidconv.ops.st_conv3d CPU path (ATen conv3d + in-place ReLU)"
+        conv_path = "vidconv.ops.st_conv3d, per-layer choice among oneDNN 3D/2D formulations"
     matmul_dtype = torch.bfloat16 if "bf16" in precision else torch.float32
     peak_tflops = _common.matmul_tflops(device, matmul_dtype)
     peak_macs_s = peak_tflops * 1e12 / 2
