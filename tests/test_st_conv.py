@@ -123,7 +123,9 @@ def test_activation_none_keeps_negative_outputs():
     x, w, b = _inputs(1, 3, 4, (1, 3, 3), (1, 5, 5))
     out = st_conv3d(x, w, b, activation=None)
     assert (out < 0).any()
-    assert torch.equal(st_conv3d(x, w, b), out.clamp_min(0))
+    # With and without ReLU are two layers to the planner, which may pick differently rounding
+    # algorithms for them: equal up to float32 rounding, not bit for bit.
+    torch.testing.assert_close(st_conv3d(x, w, b), out.clamp_min(0), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("activation", ["relu", None])
