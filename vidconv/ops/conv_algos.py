@@ -296,7 +296,9 @@ def fused_tile_configs() -> dict[str, list[str]]:
     """dtype name -> the fused kernel's tile names (index = tile_config); {} without CUDA."""
     from vidconv._extension import _C
 
-    return dict(_C.fused_tile_configs())
+    # An extension built before the fused op had tiles has no list: no fused candidates then.
+    configs = getattr(_C, "fused_tile_configs", None)
+    return dict(configs()) if configs is not None else {}
 
 
 def _fused(index: int, tile: str, dtypes: frozenset[torch.dtype]) -> Algorithm:
