@@ -5,6 +5,8 @@
 
 #ifdef VIDCONV_WITH_CUDA
 #include <cuda.h>
+
+#include "cuda/st_conv3d_kernel.h"
 #endif
 
 #ifndef VIDCONV_ARCHS
@@ -21,7 +23,9 @@ TORCH_LIBRARY(vidconv, m) {
   m.def(
       "crop_normalize(Tensor clips, int size, Tensor offsets, Tensor flip, float[] mean, "
       "float[] std, ScalarType dtype, bool channels_last) -> Tensor");
-  // Fused conv3d + bias + optional ReLU. x (N, C, T, H, W), weight (K, C, kt, kh, kw).
+  // conv3d + bias + optional ReLU. x (N, C, T, H, W), weight (K, C, kt, kh, kw). Its CPU and
+  // CUDA kernels are registered from Python (vidconv/ops/st_conv.py): per layer shape they run
+  // the fastest candidate that agrees with the reference (vidconv/ops/conv_planner.py).
   m.def(
       "st_conv3d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
       "bool relu) -> Tensor");
@@ -30,6 +34,12 @@ TORCH_LIBRARY(vidconv, m) {
   m.def(
       "st_conv3d_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, int[] stride, "
       "int[] padding, bool relu, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // The hand-written implicit-GEMM forward (CUDA only; float32/float16/bfloat16) with block tile
+  // `tile_config` (see vidconv._C.fused_tile_configs()); output (N, K, T', H', W') in
+  // channels_last_3d memory. One of st_conv3d's candidates.
+  m.def(
+      "st_conv3d_fused(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+      "bool relu, int tile_config) -> Tensor");
 }
 
 namespace {
@@ -42,6 +52,24 @@ pybind11::object cuda_version() {
 #endif
 }
 
+// dtype name -> the fused kernel's tile names, index = tile_config; empty for a CPU-only build.
+pybind11::dict fused_tile_configs() {
+  pybind11::dict out;
+#ifdef VIDCONV_WITH_CUDA
+  using vidconv::cuda::ConvType;
+  for (auto [name, type] : {std::pair{"float32", ConvType::kFloat32},
+                            std::pair{"float16", ConvType::kFloat16},
+                            std::pair{"bfloat16", ConvType::kBFloat16}}) {
+    pybind11::list tiles;
+    for (int i = 0; i < vidconv::cuda::tile_config_count(type); ++i) {
+      tiles.append(vidconv::cuda::tile_config_name(type, i));
+    }
+    out[name] = tiles;
+  }
+#endif
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -49,4 +77,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_version", &cuda_version,
         "CUDA version the kernels were built with (e.g. 13000), or None for a CPU-only build");
   m.attr("cuda_archs") = VIDCONV_ARCHS;
+  m.def("fused_tile_configs", &fused_tile_configs,
+        "dtype name -> tile names of st_conv3d_fused (index = tile_config); {} without CUDA");
 }

@@ -30,6 +30,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def session_conv_plan_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vidconv-cache")
+
+
+@pytest.fixture(autouse=True)
+def conv_plan_cache(session_conv_plan_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """st_conv3d's plan cache in a temporary directory (never the user's ~/.cache/vidconv), shared
+    by the session so each layer shape is tuned once; no algorithm knob leaks in from the
+    environment. tests/test_conv_plan.py gives each of its tests a fresh plan on top of this."""
+    monkeypatch.setenv("VIDCONV_CACHE_DIR", str(session_conv_plan_cache))
+    monkeypatch.delenv("VIDCONV_CONV_ALGO", raising=False)
+    monkeypatch.delenv("VIDCONV_TUNE", raising=False)
+    return session_conv_plan_cache
+
+
 @pytest.fixture(params=DEVICES)
 def device(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -12,8 +12,13 @@
 // the order of the 16-term sums inside one mma is the hardware's and is not reproduced (float
 // sums in k order here).
 //
-// Usage: emulate_st_conv TYPE N C T H W K kt kh kw st sh sw pt ph pw relu has_bias DIR
-//   TYPE 0 float32, 1 float16, 2 bfloat16; C already padded to the kernel's channel multiple.
+// Every tile configuration the launcher can run is emulated through the same visit_*_tile list
+// (TILE selects one, as tile_config does in launch_st_conv3d).
+//
+// Usage: emulate_st_conv --tiles TYPE   (lists TYPE's tile names)
+//        emulate_st_conv TYPE TILE N C T H W K kt kh kw st sh sw pt ph pw relu has_bias DIR
+//   TYPE 0 float32, 1 float16, 2 bfloat16; TILE 0 .. tile_config_count(TYPE) - 1;
+//   C already padded to the kernel's channel multiple.
 //   DIR/x.bin (N,T,H,W,C), DIR/w.bin (K,kt,kh,kw,C) in TYPE, DIR/b.bin float32 (K,) if has_bias.
 //   Writes DIR/out.bin (N,T',H',W',K) in TYPE, starting from 0xFF bytes (NaN) everywhere.
 #include "cuda/st_conv3d_kernel.cu"
@@ -118,7 +123,10 @@ struct CountingPairStore {
   }
 };
 
+template <class Tile>
 void run_f32(const StConvArgs& p) {
+  constexpr int kF32BM = Tile::BM, kF32BN = Tile::BN, kAcc = Tile::kMI * Tile::kNJ;
+  using Acc = float[Tile::kMI][Tile::kNJ];
   using Loader = TileLoader<float, kF32BM, kF32BN, kF32BK, kF32Threads>;
   const long long m_total = (long long)p.n * p.to * p.ho * p.wo;
   const int tiles_n = ceil_div(p.k, kF32BN);
@@ -130,7 +138,7 @@ void run_f32(const StConvArgs& p) {
     const BlockTile bt = block_tile(block, tiles_n, kF32BM, kF32BN);
     std::vector<Loader> loaders;
     for (int tid = 0; tid < kF32Threads; ++tid) loaders.emplace_back(p, bt.m0, bt.n0, tid);
-    std::vector<float> acc(kF32Threads * 16, 0.f);
+    std::vector<float> acc(kF32Threads * kAcc, 0.f);
     const int k_tiles = loaders[0].k_tiles();
     auto stage_a = [&](int s) { return As.data() + s * kF32BM * kF32Ld; };
     auto stage_b = [&](int s) { return Bs.data() + s * kF32BN * kF32Ld; };
@@ -148,14 +156,14 @@ void run_f32(const StConvArgs& p) {
     for (int kt = 0; kt < k_tiles; ++kt) {
       if (kt + kStages - 1 < k_tiles) load(kt + kStages - 1);
       for (int tid = 0; tid < kF32Threads; ++tid) {
-        f32_stage(stage_a(kt % kStages), stage_b(kt % kStages), tid & 15, tid >> 4,
-                  *reinterpret_cast<float(*)[4][4]>(&acc[tid * 16]));
+        f32_stage<Tile>(stage_a(kt % kStages), stage_b(kt % kStages), tid & 15, tid >> 4,
+                        *reinterpret_cast<Acc*>(&acc[tid * kAcc]));
       }
     }
     for (int tid = 0; tid < kF32Threads; ++tid) {
-      f32_epilogue(p, bt.m0, bt.n0, tid & 15, tid >> 4,
-                   *reinterpret_cast<const float(*)[4][4]>(&acc[tid * 16]),
-                   CountingF32Store{F32Store{static_cast<float*>(p.out), p.k}});
+      f32_epilogue<Tile>(p, bt.m0, bt.n0, tid & 15, tid >> 4,
+                         *reinterpret_cast<const Acc*>(&acc[tid * kAcc]),
+                         CountingF32Store{F32Store{static_cast<float*>(p.out), p.k}});
     }
   }
 }
@@ -223,8 +231,9 @@ void mma_warp(float (&d)[32][4], const unsigned (&a)[32][4], const unsigned (&b0
   }
 }
 
-template <typename T>
+template <typename T, class Tile>
 void run_mma(const StConvArgs& p) {
+  constexpr int kMmaBM = Tile::BM, kMmaBN = Tile::BN, kMI = Tile::kMI, kNJ = Tile::kNJ;
   using Loader = TileLoader<T, kMmaBM, kMmaBN, kMmaBK, kMmaThreads>;
   const long long m_total = (long long)p.n * p.to * p.ho * p.wo;
   const int tiles_n = ceil_div(p.k, kMmaBN);
@@ -232,7 +241,7 @@ void run_mma(const StConvArgs& p) {
   T poison;
   std::memset(&poison, 0xCD, sizeof poison);
   std::vector<T> As(kStages * kMmaBM * kMmaLd), Bs(kStages * kMmaBN * kMmaLd);
-  static float acc[4][32][4][4][4];  // warp, lane, i, j, e
+  static float acc[4][32][kMI][kNJ][4];  // warp, lane, i, j, e
   for (int block = 0; block < blocks; ++block) {
     const BlockTile bt = block_tile(block, tiles_n, kMmaBM, kMmaBN);
     std::vector<Loader> loaders;
@@ -256,19 +265,23 @@ void run_mma(const StConvArgs& p) {
       const T* b_s = stage_b(kt % kStages);
       for (int warp = 0; warp < 4; ++warp) {
         for (int kk = 0; kk < kMmaBK; kk += 16) {
-          unsigned a[4][32][4], b[2][32][4];
+          unsigned a[kMI][32][4], b[kNJ / 2][32][4];
           int off[32];
-          for (int i = 0; i < 4; ++i) {
-            for (int lane = 0; lane < 32; ++lane) off[lane] = mma_a_offset(warp, lane, i, kk);
+          for (int i = 0; i < kMI; ++i) {
+            for (int lane = 0; lane < 32; ++lane) {
+              off[lane] = mma_a_offset<Tile>(warp, lane, i, kk);
+            }
             ldmatrix_x4_warp(a_s, off, a[i]);
           }
-          for (int j = 0; j < 2; ++j) {
-            for (int lane = 0; lane < 32; ++lane) off[lane] = mma_b_offset(warp, lane, j, kk);
+          for (int j = 0; j < kNJ / 2; ++j) {
+            for (int lane = 0; lane < 32; ++lane) {
+              off[lane] = mma_b_offset<Tile>(warp, lane, j, kk);
+            }
             ldmatrix_x4_warp(b_s, off, b[j]);
           }
           // The kernel's operand choice: n8 tile j takes registers (j&1)*2, +1 of pair j>>1.
-          for (int i = 0; i < 4; ++i) {
-            for (int j = 0; j < 4; ++j) {
+          for (int i = 0; i < kMI; ++i) {
+            for (int j = 0; j < kNJ; ++j) {
               float d[32][4];
               unsigned r0[32], r1[32];
               for (int lane = 0; lane < 32; ++lane) {
@@ -287,8 +300,8 @@ void run_mma(const StConvArgs& p) {
     }
     for (int warp = 0; warp < 4; ++warp) {
       for (int lane = 0; lane < 32; ++lane) {
-        mma_epilogue(p, bt.m0, bt.n0, warp, lane, acc[warp][lane],
-                     CountingPairStore<T>{PairStore<T>{static_cast<T*>(p.out), p.k}});
+        mma_epilogue<Tile>(p, bt.m0, bt.n0, warp, lane, acc[warp][lane],
+                           CountingPairStore<T>{PairStore<T>{static_cast<T*>(p.out), p.k}});
       }
     }
   }
@@ -297,15 +310,24 @@ void run_mma(const StConvArgs& p) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 20) {
-    fprintf(stderr, "usage: %s TYPE N C T H W K kt kh kw st sh sw pt ph pw relu has_bias DIR\n",
+  if (argc == 3 && std::strcmp(argv[1], "--tiles") == 0) {
+    // emulate_st_conv --tiles TYPE: the tile names, one per line, in tile_config order.
+    const ConvType ct = static_cast<ConvType>(atoi(argv[2]));
+    for (int i = 0; i < tile_config_count(ct); ++i) printf("%s\n", tile_config_name(ct, i));
+    return 0;
+  }
+  if (argc != 21) {
+    fprintf(stderr,
+            "usage: %s TYPE TILE N C T H W K kt kh kw st sh sw pt ph pw relu has_bias DIR\n",
             argv[0]);
     return 2;
   }
+  const int type = atoi(argv[1]);
+  const int tile = atoi(argv[2]);
   int v[18];
-  for (int i = 0; i < 18; ++i) v[i] = atoi(argv[1 + i]);
-  const char* dir = argv[19];
-  const int type = v[0];
+  v[0] = type;
+  for (int i = 1; i < 18; ++i) v[i] = atoi(argv[2 + i]);
+  const char* dir = argv[20];
   StConvArgs p{};
   p.n = v[1]; p.c = v[2]; p.t = v[3]; p.h = v[4]; p.w = v[5]; p.k = v[6];
   p.kt = v[7]; p.kh = v[8]; p.kw = v[9]; p.st = v[10]; p.sh = v[11]; p.sw = v[12];
@@ -314,6 +336,10 @@ int main(int argc, char** argv) {
   p.ho = (p.h + 2 * p.ph - p.kh) / p.sh + 1;
   p.wo = (p.w + 2 * p.pw - p.kw) / p.sw + 1;
   const ConvType ct = static_cast<ConvType>(type);
+  if (tile < 0 || tile >= tile_config_count(ct)) {
+    fprintf(stderr, "TILE=%d is not in [0, %d)\n", tile, tile_config_count(ct));
+    return 2;
+  }
   if (p.c % channel_multiple(ct) != 0) {
     fprintf(stderr, "C=%d is not a multiple of %d\n", p.c, channel_multiple(ct));
     return 2;
@@ -338,11 +364,11 @@ int main(int argc, char** argv) {
   p.out = obuf.data();
   g_writes.assign(nout, 0);
   if (ct == ConvType::kFloat32) {
-    run_f32(p);
+    visit_f32_tile(tile, [&](auto t) { run_f32<decltype(t)>(p); });
   } else if (ct == ConvType::kFloat16) {
-    run_mma<__half>(p);
+    visit_mma_tile(tile, [&](auto t) { run_mma<__half, decltype(t)>(p); });
   } else {
-    run_mma<__nv_bfloat16>(p);
+    visit_mma_tile(tile, [&](auto t) { run_mma<__nv_bfloat16, decltype(t)>(p); });
   }
   long long unwritten = 0, rewritten = 0;
   for (int c : g_writes) {
@@ -354,7 +380,7 @@ int main(int argc, char** argv) {
   FILE* f = fopen(path, "wb");
   fwrite(obuf.data(), 1, nout * esz, f);
   fclose(f);
-  printf("bad_smem=%lld bad_skew=%lld unwritten=%lld rewritten=%lld outputs=%zu\n", g_bad_smem,
-         g_bad_skew, unwritten, rewritten, nout);
+  printf("tile=%s bad_smem=%lld bad_skew=%lld unwritten=%lld rewritten=%lld outputs=%zu\n",
+         tile_config_name(ct, tile), g_bad_smem, g_bad_skew, unwritten, rewritten, nout);
   return 0;
 }

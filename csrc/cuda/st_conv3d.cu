@@ -1,17 +1,18 @@
-// ATen glue of st_conv3d on CUDA: checks, device guard, current stream, the one-time conversion
-// of x to NTHWC (channels_last_3d) and the weight repack to (K, kt, kh, kw, C), one launch of
-// the runtime-only implicit-GEMM kernel in st_conv3d_kernel.cu, launch check.
+// ATen glue of st_conv3d_fused on CUDA: checks, device guard, current stream, the one-time
+// conversion of x to NTHWC (channels_last_3d) and the weight repack to (K, kt, kh, kw, C), one
+// launch of the runtime-only implicit-GEMM kernel in st_conv3d_kernel.cu with the requested tile
+// configuration, launch check.
 //
-// Backward is NOT hand-written yet: it applies the ReLU mask and calls ATen's
-// convolution_backward (cuDNN on CUDA), as issue 4 allows for a first step. float64 forward
-// also goes to ATen (no fused float64 kernel; it keeps gradcheck usable on CUDA).
+// This is one candidate of vidconv::st_conv3d, whose CPU and CUDA kernels are registered from
+// Python (vidconv/ops/st_conv.py): they time this kernel's tiles beside cuDNN's algorithms per
+// layer and call the fastest correct one (vidconv/ops/conv_planner.py). The backward candidates are
+// all ATen's, so there is no backward here.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <array>
 #include <cstdint>
 #include <vector>
 
@@ -85,20 +86,21 @@ at::Tensor weight_repacked(const at::Tensor& weight, int64_t cp) {
   return padded;
 }
 
-at::Tensor st_conv3d_cuda(const at::Tensor& x, const at::Tensor& weight,
-                          const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                          at::IntArrayRef padding, bool relu) {
+at::Tensor st_conv3d_fused_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, bool relu, int64_t tile_config) {
   check_inputs(x, weight, bias, stride, padding);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType dtype = x.scalar_type();
-  if (dtype == at::kDouble) {
-    // float64 has no tensor-core or fused path: ATen's conv3d keeps the op usable (gradcheck).
-    at::Tensor out = at::conv3d(x, weight, bias, stride, padding)
-                         .contiguous(at::MemoryFormat::ChannelsLast3d);
-    return relu ? out.relu_() : out;
-  }
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "st_conv3d: x must be float32, float16, bfloat16 or float64, got ", dtype);
+              "st_conv3d_fused: x must be float32, float16 or bfloat16 (float64 has no fused "
+              "kernel), got ", dtype);
+  const cuda::ConvType type = dtype == at::kFloat ? cuda::ConvType::kFloat32
+                              : dtype == at::kHalf ? cuda::ConvType::kFloat16
+                                                   : cuda::ConvType::kBFloat16;
+  TORCH_CHECK(tile_config >= 0 && tile_config < cuda::tile_config_count(type),
+              "st_conv3d_fused: tile_config must be in [0, ", cuda::tile_config_count(type),
+              ") for ", dtype, ", got ", tile_config);
 
   const int64_t n = x.size(0), c = x.size(1), t = x.size(2), h = x.size(3), w = x.size(4);
   const int64_t k = weight.size(0), kt = weight.size(2), kh = weight.size(3), kw = weight.size(4);
@@ -118,9 +120,6 @@ at::Tensor st_conv3d_cuda(const at::Tensor& x, const at::Tensor& weight,
     return relu ? out.relu_() : out;
   }
 
-  const cuda::ConvType type = dtype == at::kFloat ? cuda::ConvType::kFloat32
-                              : dtype == at::kHalf ? cuda::ConvType::kFloat16
-                                                   : cuda::ConvType::kBFloat16;
   const int64_t mult = cuda::channel_multiple(type);
   const int64_t cp = (c + mult - 1) / mult * mult;
   TORCH_CHECK(t * h * w * cp <= cuda::kMaxIndex && kt * kh * kw * cp <= cuda::kMaxIndex &&
@@ -160,48 +159,16 @@ at::Tensor st_conv3d_cuda(const at::Tensor& x, const at::Tensor& weight,
   args.ho = static_cast<int>(ho);
   args.wo = static_cast<int>(wo);
   args.relu = relu;
-  cuda::launch_st_conv3d(args, type, at::cuda::getCurrentCUDAStream(x.get_device()).stream());
+  cuda::launch_st_conv3d(args, type, static_cast<int>(tile_config),
+                         at::cuda::getCurrentCUDAStream(x.get_device()).stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
-}
-
-// `grad` laid out like `like` (what empty_like(like), the fake kernel's choice, gives).
-at::Tensor strided_like(const at::Tensor& grad, const at::Tensor& like) {
-  if (grad.strides() == like.strides()) {
-    return grad;
-  }
-  at::Tensor out = at::empty_like(like);
-  out.copy_(grad);
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> st_conv3d_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-    const at::Tensor& out, at::IntArrayRef stride, at::IntArrayRef padding, bool relu,
-    std::array<bool, 3> output_mask) {
-  TORCH_CHECK(grad_out.is_cuda() && x.is_cuda() && weight.is_cuda() && out.is_cuda(),
-              "st_conv3d_backward: all tensors must be CUDA tensors");
-  TORCH_CHECK(stride.size() == 3 && padding.size() == 3,
-              "st_conv3d_backward: stride and padding must have 3 entries");
-  const c10::cuda::CUDAGuard guard(x.device());
-  // d relu(y)/dy is 1 where the output is positive: the saved output carries the mask.
-  const at::Tensor grad =
-      relu ? at::where(out.gt(0), grad_out, at::zeros({}, grad_out.options())) : grad_out;
-  const std::vector<int64_t> bias_sizes{weight.size(0)};
-  auto [gx, gw, gb] = at::convolution_backward(
-      grad, x, weight, bias_sizes, stride, padding, /*dilation=*/{1, 1, 1},
-      /*transposed=*/false, /*output_padding=*/{0, 0, 0}, /*groups=*/1, output_mask);
-  auto empty = [](const at::Tensor& like) { return at::empty({0}, like.options()); };
-  return {output_mask[0] ? strided_like(gx, x) : empty(x),
-          output_mask[1] ? strided_like(gw, weight) : empty(weight),
-          output_mask[2] ? gb : empty(weight)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vidconv, CUDA, m) {
-  m.impl("st_conv3d", &st_conv3d_cuda);
-  m.impl("st_conv3d_backward", &st_conv3d_backward_cuda);
+  m.impl("st_conv3d_fused", &st_conv3d_fused_cuda);
 }
 
 }  // namespace vidconv

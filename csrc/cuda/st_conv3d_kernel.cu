@@ -251,25 +251,38 @@ ST_UNROLL
 
 // ---- tensor-core kernel (float16 / bfloat16) --------------------------------------------------
 //
-// Block tile 128 (positions) x 64 (filters) x 32 (reduction), 4 warps as 2 x 2, warp tile 64 x 32:
-// per 16-wide reduction step a warp issues 4 ldmatrix.x4 for A, 2 for B and 16 mma.m16n8k16.
-constexpr int kMmaBM = 128, kMmaBN = 64, kMmaBK = 32, kMmaThreads = 128;
-constexpr int kWarpM = 64, kWarpN = 32;
+// Block tile BM (positions) x BN (filters) x 32 (reduction), 4 warps as 2 x 2, warp tile
+// BM/2 x BN/2: per 16-wide reduction step a warp issues BM/32 ldmatrix.x4 for A, BN/32 for B and
+// (BM/32) * (BN/16) mma.m16n8k16. Which tile is fastest depends on the layer (a small layer wants
+// small tiles to fill the SMs, a large one big tiles for reuse), so every one below is compiled
+// and the op measures them on the user's device (vidconv/ops/conv_planner.py).
+constexpr int kMmaBK = 32, kMmaThreads = 128;
 constexpr int kMmaLd = kMmaBK + 8;  // TileLoader's pitch for 16-bit types
+
+template <int BM_, int BN_>
+struct MmaTile {
+  static constexpr int BM = BM_, BN = BN_;
+  static constexpr int kWarpM = BM / 2, kWarpN = BN / 2;
+  static constexpr int kMI = kWarpM / 16;  // m16 fragments per warp
+  static constexpr int kNJ = kWarpN / 8;   // n8 fragments per warp (kNJ / 2 ldmatrix.x4 for B)
+  static_assert(BM % 32 == 0 && BN % 32 == 0, "a warp tile is a whole number of x4 loads");
+};
 
 // Shared-memory element offset (within one stage) of the row `lane` hands to ldmatrix.x4 for A
 // fragment i (rows i*16..+15 of the warp tile) at reduction step kk. Lanes 0-15 give rows 0-15
 // at column kk, lanes 16-31 the same rows at kk+8: matrices 0-3 are then a0-a3 of m16n8k16.
+template <class Tile>
 __host__ __device__ __forceinline__ int mma_a_offset(int warp, int lane, int i, int kk) {
-  const int row = (warp >> 1) * kWarpM + i * 16 + (lane & 15);
+  const int row = (warp >> 1) * Tile::kWarpM + i * 16 + (lane & 15);
   return row * kMmaLd + kk + (lane >> 4) * 8;
 }
 
 // Same for B pair j (filters j*16..+15 of the warp tile): lanes 0-7 filters 0-7 at kk, 8-15
 // filters 0-7 at kk+8, 16-23 filters 8-15 at kk, 24-31 filters 8-15 at kk+8, so registers 0,1
 // are b0,b1 of the n8 tile 2j and registers 2,3 those of n8 tile 2j+1.
+template <class Tile>
 __host__ __device__ __forceinline__ int mma_b_offset(int warp, int lane, int j, int kk) {
-  const int row = (warp & 1) * kWarpN + j * 16 + (lane & 7) + ((lane >> 4) << 3);
+  const int row = (warp & 1) * Tile::kWarpN + j * 16 + (lane & 7) + ((lane >> 4) << 3);
   return row * kMmaLd + kk + ((lane >> 3) & 1) * 8;
 }
 
@@ -294,19 +307,18 @@ struct PairStore {
   }
 };
 
-// Bias, ReLU and the store of one warp's 64 x 32 accumulator tile. m16n8 accumulator layout:
+// Bias, ReLU and the store of one warp's accumulator tile. m16n8 accumulator layout:
 // e0, e1 at (row g, cols 2q, 2q+1), e2, e3 at row g+8 (g = lane / 4, q = lane % 4).
-template <class Store>
-__host__ __device__ __forceinline__ void mma_epilogue(const StConvArgs& p, int m0, int n0,
-                                                      int warp, int lane,
-                                                      const float (&acc)[4][4][4],
-                                                      const Store& store) {
+template <class Tile, class Store>
+__host__ __device__ __forceinline__ void mma_epilogue(
+    const StConvArgs& p, int m0, int n0, int warp, int lane,
+    const float (&acc)[Tile::kMI][Tile::kNJ][4], const Store& store) {
   const int m_total = p.n * p.to * p.ho * p.wo;
   const int g = lane >> 2;
   const int q = lane & 3;
 ST_UNROLL
-  for (int j = 0; j < 4; ++j) {
-    const int col = n0 + (warp & 1) * kWarpN + j * 8 + 2 * q;
+  for (int j = 0; j < Tile::kNJ; ++j) {
+    const int col = n0 + (warp & 1) * Tile::kWarpN + j * 8 + 2 * q;
     if (col >= p.k) {
       continue;
     }
@@ -314,10 +326,10 @@ ST_UNROLL
     const float bias0 = p.bias ? p.bias[col] : 0.f;
     const float bias1 = (p.bias && has1) ? p.bias[col + 1] : 0.f;
 ST_UNROLL
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < Tile::kMI; ++i) {
 ST_UNROLL
       for (int half = 0; half < 2; ++half) {
-        const int m = m0 + (warp >> 1) * kWarpM + i * 16 + g + half * 8;
+        const int m = m0 + (warp >> 1) * Tile::kWarpM + i * 16 + g + half * 8;
         if (m < m_total) {
           float v0 = acc[i][j][2 * half] + bias0;
           float v1 = acc[i][j][2 * half + 1] + bias1;
@@ -332,15 +344,16 @@ ST_UNROLL
   }
 }
 
-template <typename T>
+template <typename T, class Tile>
 __global__ void __launch_bounds__(kMmaThreads)
     st_conv3d_mma_kernel(const StConvArgs p, int tiles_n) {
-  using Loader = TileLoader<T, kMmaBM, kMmaBN, kMmaBK, kMmaThreads>;
+  using Loader = TileLoader<T, Tile::BM, Tile::BN, kMmaBK, kMmaThreads>;
   static_assert(Loader::kLd == kMmaLd, "ldmatrix offsets assume the loader's pitch");
-  __shared__ __align__(128) T As[kStages][kMmaBM * kMmaLd];
-  __shared__ __align__(128) T Bs[kStages][kMmaBN * kMmaLd];
+  constexpr int kMI = Tile::kMI, kNJ = Tile::kNJ;
+  __shared__ __align__(128) T As[kStages][Tile::BM * kMmaLd];
+  __shared__ __align__(128) T Bs[kStages][Tile::BN * kMmaLd];
 
-  const BlockTile bt = block_tile(static_cast<int>(blockIdx.x), tiles_n, kMmaBM, kMmaBN);
+  const BlockTile bt = block_tile(static_cast<int>(blockIdx.x), tiles_n, Tile::BM, Tile::BN);
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -348,11 +361,11 @@ __global__ void __launch_bounds__(kMmaThreads)
   const Loader loader(p, bt.m0, bt.n0, tid);
   const int k_tiles = loader.k_tiles();
 
-  float acc[4][4][4];
+  float acc[kMI][kNJ][4];
 ST_UNROLL
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < kMI; ++i) {
 ST_UNROLL
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kNJ; ++j) {
 ST_UNROLL
       for (int e = 0; e < 4; ++e) {
         acc[i][j][e] = 0.f;
@@ -383,20 +396,20 @@ ST_UNROLL
     const T* b_s = Bs[kt % kStages];
 ST_UNROLL
     for (int kk = 0; kk < kMmaBK; kk += 16) {
-      unsigned a[4][4];
-      unsigned b[2][4];
+      unsigned a[kMI][4];
+      unsigned b[kNJ / 2][4];
 ST_UNROLL
-      for (int i = 0; i < 4; ++i) {
-        ldmatrix_x4(a[i], a_s + mma_a_offset(warp, lane, i, kk));
+      for (int i = 0; i < kMI; ++i) {
+        ldmatrix_x4(a[i], a_s + mma_a_offset<Tile>(warp, lane, i, kk));
       }
 ST_UNROLL
-      for (int j = 0; j < 2; ++j) {
-        ldmatrix_x4(b[j], b_s + mma_b_offset(warp, lane, j, kk));
+      for (int j = 0; j < kNJ / 2; ++j) {
+        ldmatrix_x4(b[j], b_s + mma_b_offset<Tile>(warp, lane, j, kk));
       }
 ST_UNROLL
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < kMI; ++i) {
 ST_UNROLL
-        for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < kNJ; ++j) {
           Mma<T>::run(acc[i][j], a[i], b[j >> 1][(j & 1) * 2], b[j >> 1][(j & 1) * 2 + 1]);
         }
       }
@@ -404,33 +417,46 @@ ST_UNROLL
   }
   cp_async_wait<0>();
 
-  mma_epilogue(p, bt.m0, bt.n0, warp, lane, acc, PairStore<T>{static_cast<T*>(p.out), p.k});
+  mma_epilogue<Tile>(p, bt.m0, bt.n0, warp, lane, acc,
+                     PairStore<T>{static_cast<T*>(p.out), p.k});
 }
 
 // ---- fp32 kernel (FFMA) -----------------------------------------------------------------------
 //
-// Block tile 64 x 64 x 16, 256 threads as 16 x 16, each computing 4 x 4 outputs at rows
+// Block tile BM x BN x 16, 256 threads as 16 x 16, each computing BM/16 x BN/16 outputs at rows
 // ty + 16 i and filters tx + 16 j (strided, so a warp's filter reads fall in distinct banks and
 // its stores are contiguous along K).
-constexpr int kF32BM = 64, kF32BN = 64, kF32BK = 16, kF32Threads = 256;
+constexpr int kF32BK = 16, kF32Threads = 256;
 constexpr int kF32Ld = kF32BK + 4;  // TileLoader's pitch for float
 
-// One thread's 4 x 4 outer products over one BK-wide stage, in a fixed order (FFMA along the
+template <int BM_, int BN_>
+struct F32Tile {
+  static constexpr int BM = BM_, BN = BN_;
+  static constexpr int kMI = BM / 16, kNJ = BN / 16;  // outputs per thread, rows x filters
+  static_assert(BM % 64 == 0 && BN % 64 == 0, "the loader moves 64 rows per pass");
+};
+
+// One thread's outer products over one BK-wide stage, in a fixed order (FFMA along the
 // reduction, 4 channels at a time), so the host emulation reproduces the device bit for bit.
+template <class Tile>
 __host__ __device__ __forceinline__ void f32_stage(const float* a_s, const float* b_s, int tx,
-                                                   int ty, float (&acc)[4][4]) {
+                                                   int ty,
+                                                   float (&acc)[Tile::kMI][Tile::kNJ]) {
 ST_UNROLL
   for (int k4 = 0; k4 < kF32BK; k4 += 4) {
-    float4 a[4], b[4];
+    float4 a[Tile::kMI], b[Tile::kNJ];
 ST_UNROLL
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < Tile::kMI; ++i) {
       a[i] = *reinterpret_cast<const float4*>(a_s + (ty + 16 * i) * kF32Ld + k4);
-      b[i] = *reinterpret_cast<const float4*>(b_s + (tx + 16 * i) * kF32Ld + k4);
     }
 ST_UNROLL
-    for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < Tile::kNJ; ++j) {
+      b[j] = *reinterpret_cast<const float4*>(b_s + (tx + 16 * j) * kF32Ld + k4);
+    }
 ST_UNROLL
-      for (int j = 0; j < 4; ++j) {
+    for (int i = 0; i < Tile::kMI; ++i) {
+ST_UNROLL
+      for (int j = 0; j < Tile::kNJ; ++j) {
         acc[i][j] = fmaf(a[i].x, b[j].x, acc[i][j]);
         acc[i][j] = fmaf(a[i].y, b[j].y, acc[i][j]);
         acc[i][j] = fmaf(a[i].z, b[j].z, acc[i][j]);
@@ -448,20 +474,21 @@ struct F32Store {
   }
 };
 
-template <class Store>
+template <class Tile, class Store>
 __host__ __device__ __forceinline__ void f32_epilogue(const StConvArgs& p, int m0, int n0, int tx,
-                                                      int ty, const float (&acc)[4][4],
+                                                      int ty,
+                                                      const float (&acc)[Tile::kMI][Tile::kNJ],
                                                       const Store& store) {
   const int m_total = p.n * p.to * p.ho * p.wo;
 ST_UNROLL
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < Tile::kNJ; ++j) {
     const int col = n0 + tx + 16 * j;
     if (col >= p.k) {
       continue;
     }
     const float bias = p.bias ? p.bias[col] : 0.f;
 ST_UNROLL
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < Tile::kMI; ++i) {
       const int m = m0 + ty + 16 * i;
       if (m < m_total) {
         float v = acc[i][j] + bias;
@@ -474,14 +501,15 @@ ST_UNROLL
   }
 }
 
+template <class Tile>
 __global__ void __launch_bounds__(kF32Threads)
     st_conv3d_f32_kernel(const StConvArgs p, int tiles_n) {
-  using Loader = TileLoader<float, kF32BM, kF32BN, kF32BK, kF32Threads>;
+  using Loader = TileLoader<float, Tile::BM, Tile::BN, kF32BK, kF32Threads>;
   static_assert(Loader::kLd == kF32Ld, "f32_stage assumes the loader's pitch");
-  __shared__ __align__(128) float As[kStages][kF32BM * kF32Ld];
-  __shared__ __align__(128) float Bs[kStages][kF32BN * kF32Ld];
+  __shared__ __align__(128) float As[kStages][Tile::BM * kF32Ld];
+  __shared__ __align__(128) float Bs[kStages][Tile::BN * kF32Ld];
 
-  const BlockTile bt = block_tile(static_cast<int>(blockIdx.x), tiles_n, kF32BM, kF32BN);
+  const BlockTile bt = block_tile(static_cast<int>(blockIdx.x), tiles_n, Tile::BM, Tile::BN);
   const int tid = static_cast<int>(threadIdx.x);
   const int tx = tid & 15;
   const int ty = tid >> 4;
@@ -489,11 +517,11 @@ __global__ void __launch_bounds__(kF32Threads)
   const Loader loader(p, bt.m0, bt.n0, tid);
   const int k_tiles = loader.k_tiles();
 
-  float acc[4][4];
+  float acc[Tile::kMI][Tile::kNJ];
 ST_UNROLL
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < Tile::kMI; ++i) {
 ST_UNROLL
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < Tile::kNJ; ++j) {
       acc[i][j] = 0.f;
     }
   }
@@ -514,33 +542,80 @@ ST_UNROLL
       loader.load(next, As[next % kStages], Bs[next % kStages]);
     }
     cp_async_commit();
-    f32_stage(As[kt % kStages], Bs[kt % kStages], tx, ty, acc);
+    f32_stage<Tile>(As[kt % kStages], Bs[kt % kStages], tx, ty, acc);
   }
   cp_async_wait<0>();
 
-  f32_epilogue(p, bt.m0, bt.n0, tx, ty, acc, F32Store{static_cast<float*>(p.out), p.k});
+  f32_epilogue<Tile>(p, bt.m0, bt.n0, tx, ty, acc, F32Store{static_cast<float*>(p.out), p.k});
 }
 
 int ceil_div(long long a, int b) { return static_cast<int>((a + b - 1) / b); }
+
+// The compiled tile configurations, in the order of their index (tile_config in the launcher;
+// the names are what vidconv's plan reports). visit_*_tile calls f(Tile{}) for one index, so
+// the launcher and tools/emulate_st_conv.cu instantiate exactly the same list.
+constexpr const char* kMmaTileNames[] = {"128x64x32", "64x64x32", "64x128x32", "64x32x32"};
+constexpr const char* kF32TileNames[] = {"64x64x16", "128x64x16"};
+constexpr int kMmaTileCount = sizeof(kMmaTileNames) / sizeof(kMmaTileNames[0]);
+constexpr int kF32TileCount = sizeof(kF32TileNames) / sizeof(kF32TileNames[0]);
+
+template <class F>
+void visit_mma_tile(int config, F&& f) {
+  switch (config) {
+    case 0: f(MmaTile<128, 64>{}); break;
+    case 1: f(MmaTile<64, 64>{}); break;
+    case 2: f(MmaTile<64, 128>{}); break;
+    default: f(MmaTile<64, 32>{}); break;
+  }
+}
+
+template <class F>
+void visit_f32_tile(int config, F&& f) {
+  switch (config) {
+    case 0: f(F32Tile<64, 64>{}); break;
+    default: f(F32Tile<128, 64>{}); break;
+  }
+}
+
+template <typename T>
+void launch_mma(const StConvArgs& args, int config, long long m_total, cudaStream_t stream) {
+  visit_mma_tile(config, [&](auto tile) {
+    using Tile = decltype(tile);
+    const int tiles_n = ceil_div(args.k, Tile::BN);
+    const int blocks = ceil_div(m_total, Tile::BM) * tiles_n;
+    st_conv3d_mma_kernel<T, Tile><<<blocks, kMmaThreads, 0, stream>>>(args, tiles_n);
+  });
+}
 
 }  // namespace
 
 int channel_multiple(ConvType type) { return type == ConvType::kFloat32 ? 4 : 8; }
 
-void launch_st_conv3d(const StConvArgs& args, ConvType type, cudaStream_t stream) {
+int tile_config_count(ConvType type) {
+  return type == ConvType::kFloat32 ? kF32TileCount : kMmaTileCount;
+}
+
+const char* tile_config_name(ConvType type, int config) {
+  if (config < 0 || config >= tile_config_count(type)) {
+    return nullptr;
+  }
+  return type == ConvType::kFloat32 ? kF32TileNames[config] : kMmaTileNames[config];
+}
+
+void launch_st_conv3d(const StConvArgs& args, ConvType type, int tile_config,
+                      cudaStream_t stream) {
   const long long m_total = static_cast<long long>(args.n) * args.to * args.ho * args.wo;
   if (type == ConvType::kFloat32) {
-    const int tiles_n = ceil_div(args.k, kF32BN);
-    const int blocks = ceil_div(m_total, kF32BM) * tiles_n;
-    st_conv3d_f32_kernel<<<blocks, kF32Threads, 0, stream>>>(args, tiles_n);
-    return;
-  }
-  const int tiles_n = ceil_div(args.k, kMmaBN);
-  const int blocks = ceil_div(m_total, kMmaBM) * tiles_n;
-  if (type == ConvType::kFloat16) {
-    st_conv3d_mma_kernel<__half><<<blocks, kMmaThreads, 0, stream>>>(args, tiles_n);
+    visit_f32_tile(tile_config, [&](auto tile) {
+      using Tile = decltype(tile);
+      const int tiles_n = ceil_div(args.k, Tile::BN);
+      const int blocks = ceil_div(m_total, Tile::BM) * tiles_n;
+      st_conv3d_f32_kernel<Tile><<<blocks, kF32Threads, 0, stream>>>(args, tiles_n);
+    });
+  } else if (type == ConvType::kFloat16) {
+    launch_mma<__half>(args, tile_config, m_total, stream);
   } else {
-    st_conv3d_mma_kernel<__nv_bfloat16><<<blocks, kMmaThreads, 0, stream>>>(args, tiles_n);
+    launch_mma<__nv_bfloat16>(args, tile_config, m_total, stream);
   }
 }
 

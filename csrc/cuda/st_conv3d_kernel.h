@@ -33,9 +33,17 @@ int channel_multiple(ConvType type);
 // kt*kh*kw*C are computed in 32 bits (the image base in 64 bits), as is N*T'*H'*W'.
 constexpr int64_t kMaxIndex = (int64_t{1} << 31) - 1;
 
-// Enqueues one kernel launch on `stream` writing out. All sizes must be positive and within
-// kMaxIndex. Launch errors are left for the caller to collect (cudaGetLastError).
-void launch_st_conv3d(const StConvArgs& args, ConvType type, cudaStream_t stream);
+// The kernel is compiled for several block tiles per type (e.g. "128x64x32": output positions x
+// filters x reduction); tile_config indexes them, 0 .. tile_config_count(type) - 1.
+int tile_config_count(ConvType type);
+// The tile's name, or nullptr for an index out of range.
+const char* tile_config_name(ConvType type, int tile_config);
+
+// Enqueues one kernel launch on `stream` writing out, with block tile `tile_config` (in range).
+// All sizes must be positive and within kMaxIndex. Launch errors are left for the caller to
+// collect (cudaGetLastError).
+void launch_st_conv3d(const StConvArgs& args, ConvType type, int tile_config,
+                      cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace vidconv

@@ -4,6 +4,7 @@ Each op has a CPU kernel, a CUDA kernel (when built with CUDA), a fake kernel fo
 torch.compile, and a plain-PyTorch version in `vidconv.reference` that the tests compare against.
 """
 
+from vidconv.ops.conv_planner import clear_conv_plan, conv_plan, use_conv_algo
 from vidconv.ops.preprocess import (
     DEFAULT_MEAN,
     DEFAULT_STD,
@@ -12,4 +13,5 @@ from vidconv.ops.preprocess import (
 )
 from vidconv.ops.st_conv import st_conv3d
 
-__all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "crop_normalize", "fovea_context", "st_conv3d"]
+__all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "clear_conv_plan", "conv_plan", "crop_normalize",
+           "fovea_context", "st_conv3d", "use_conv_algo"]

@@ -1,0 +1,649 @@
+"""st_conv3d's per-layer algorithm choice (vidconv.ops.conv_planner): timing, checking, cache,
+knobs, compile, torch.distributed, and that whatever runs equals the reference.
+
+Timings are injected where a test asserts which candidate wins (real timings on a shared CPU
+are noise); conftest gives every test its own empty cache directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vidconv
+from vidconv.ops import clear_conv_plan, conv_algos, conv_plan, conv_planner, st_conv3d
+from vidconv.reference import st_conv3d_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+# One intra-op thread: on 2 shared cores, tiny convolutions otherwise spend most of their time
+# waking threads.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(autouse=True)
+def fresh_plan(tmp_path_factory, monkeypatch) -> Path:
+    """An empty plan, in memory and on disk, for every test here: the cache directory."""
+    cache = tmp_path_factory.mktemp("conv-plan")
+    monkeypatch.setenv("VIDCONV_CACHE_DIR", str(cache))
+    clear_conv_plan()
+    yield cache
+    clear_conv_plan()
+
+# A temporal-extent-1 layer (every 2D reformulation applies) and a kt = st = 2 one (stacking).
+FRAMES_LAYER = dict(c=5, k=7, ksize=(1, 3, 3), stride=(1, 1, 2), padding=(0, 1, 1), thw=(3, 7, 8))
+STACKED_LAYER = dict(c=4, k=6, ksize=(2, 3, 3), stride=(2, 1, 1), padding=(0, 1, 0),
+                     thw=(4, 6, 5))
+
+
+def _inputs(c, k, ksize, thw, *, n=2, device="cpu", dtype=torch.float32, seed=0, **_):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, *thw, generator=gen)
+    w = torch.randn(k, c, *ksize, generator=gen) / (c * ksize[0] * ksize[1] * ksize[2]) ** 0.5
+    b = torch.randn(k, generator=gen) * 0.5 + 0.5
+    return [t.to(device=device, dtype=dtype) for t in (x, w, b)]
+
+
+def _run(layer, *, device="cpu", dtype=torch.float32, backward=True, seed=0, x_format=None):
+    """st_conv3d forward (and backward) on `layer`: (out, grads) and the float64 reference's."""
+    x, w, b = _inputs(**layer, device=device, dtype=dtype, seed=seed)
+    if x_format is not None:
+        x = x.contiguous(memory_format=x_format)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    out = st_conv3d(*leaves, layer["stride"], layer["padding"])
+    ref = st_conv3d_reference(x, w, b, layer["stride"], layer["padding"])
+    if not backward:
+        return out, ref, None, None
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    got = torch.autograd.grad(out, leaves, grad.to(device=device, dtype=dtype))
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w, b)]
+    conv = F.conv3d(*ref_leaves, stride=layer["stride"], padding=layer["padding"])
+    # The mask of our own output: values within rounding of 0 may fall on either side.
+    masked = conv * (out.detach().cpu() > 0).double()
+    want = torch.autograd.grad(masked, ref_leaves, grad.double())
+    return out, ref, got, want
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    b = b.double().cpu()
+    scale = b.abs().max().item()
+    assert scale > 0, "an all-zero reference proves nothing"
+    return ((a.double().cpu() - b).abs().max() / scale).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def _assert_matches(out, ref, got, want, dtype):
+    assert _rel(out, ref) < TOL[dtype]
+    if got is not None:
+        for g, r in zip(got, want, strict=True):
+            assert _rel(g, r) < TOL[dtype]
+
+
+def _inject(monkeypatch, times_ms: dict[str, float], calls: list | None = None):
+    """Every candidate's timed runs report times_ms[name] (default 50 ms)."""
+    def fake(name, run, device, repeats):
+        run()
+        if calls is not None:
+            calls.append(name)
+        return [times_ms.get(name, 50.0)] * repeats
+
+    monkeypatch.setattr(conv_planner, "time_candidate", fake)
+
+
+def _decision(direction: str, **match) -> dict:
+    found = [d for d in conv_plan() if d["key"]["direction"] == direction
+             and all(d["key"][k] == v for k, v in match.items())]
+    assert len(found) == 1, conv_plan()
+    return found[0]
+
+
+# ---- choosing ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fastest", ["conv2d_frames_cl", "conv3d_cl", "aten"])
+def test_injected_timings_pick_the_fastest(device, monkeypatch, fastest):
+    _inject(monkeypatch, {fastest: 1.0, "conv2d_frames_nchw": 3.0})
+    out, ref, got, want = _run(FRAMES_LAYER, device=device)
+    _assert_matches(out, ref, got, want, torch.float32)
+    for direction in conv_algos.DIRECTIONS:
+        d = _decision(direction)
+        assert d["chosen"] == fastest and d["how"] == "tuned" and not d["from_cache"]
+        # Every applicable candidate was run, checked and timed.
+        assert {"aten", "conv3d_cl", "conv2d_frames_nchw", "conv2d_frames_cl"} <= set(d["passed"])
+        assert all(d["passed"].values()), d["errors"]
+        assert d["times_ms"][fastest] == 1.0 and d["times_ms"]["conv2d_frames_nchw"] == 3.0
+
+
+def test_candidates_follow_the_layer_shape():
+    def names(**kw):
+        p = conv_algos.Problem("cpu", torch.float32, "contiguous", "contiguous", 1, 3, 10, 9, 9,
+                               4, (1, 3, 3), (1, 1, 1), (0, 0, 0))
+        p = replace(p, **kw)
+        return {a.name for a in conv_algos.ALGORITHMS.values() if a.applies(p)}
+
+    assert names() == {"aten", "conv3d_cl", "conv2d_frames_nchw", "conv2d_frames_cl"}
+    # Temporal padding or extent 2 with stride 1 (windows overlap): no 2D reformulation.
+    assert names(padding=(1, 0, 0)) == {"aten", "conv3d_cl"}
+    assert names(kernel=(2, 3, 3)) == {"aten", "conv3d_cl"}
+    assert names(kernel=(2, 3, 3), stride=(2, 1, 1)) >= {"conv2d_stacked_nchw",
+                                                          "conv2d_stacked_cl"}
+    assert names(kernel=(10, 3, 3)) >= {"conv2d_stacked_cl"}  # one output frame (early fusion)
+    # Already channels_last_3d: the reference is conv3d_cl, which is then not timed twice.
+    assert "conv3d_cl" not in names(x_format="channels_last_3d", w_format="channels_last_3d")
+    # On the CPU a channels_last_3d x is not turned into NC(D)HW; on CUDA it may be.
+    assert names(x_format="channels_last_3d") == {"aten", "conv3d_cl", "conv2d_frames_cl"}
+    assert names(x_format="channels_last_3d", device_type="cuda") >= {
+        "conv3d_ncdhw", "conv2d_frames_nchw", "conv2d_frames_cl"}
+    assert not any(n.startswith("fused_") for n in names())
+
+
+def _broken(name: str, direction: str, how: str) -> conv_algos.Algorithm:
+    algo = conv_algos.ALGORITHMS[name]
+    inner = algo.runs(direction)
+
+    def wrong(*args):
+        out = inner(*args)
+        if how == "raise":
+            raise RuntimeError("injected failure")
+        if how == "layout":
+            return out.contiguous() if not out.is_contiguous() else out.transpose(-1, -2) \
+                .contiguous().transpose(-1, -2)
+        # Off by less than a percent in one element: small, but far beyond rounding.
+        out = out.clone()
+        out.view(-1)[out.numel() // 2] += 0.005 * out.abs().max()
+        return out
+
+    return replace(algo, **{direction: wrong})
+
+
+@pytest.mark.parametrize("direction", list(conv_algos.DIRECTIONS))
+@pytest.mark.parametrize("how", ["wrong", "raise", "layout"])
+def test_bad_candidate_is_rejected_and_reported_once(device, monkeypatch, direction, how):
+    name = "conv2d_frames_cl"
+    monkeypatch.setitem(conv_algos.ALGORITHMS, name, _broken(name, direction, how))
+    _inject(monkeypatch, {name: 0.5})  # it would win if it were right
+    with pytest.warns(RuntimeWarning) as record:
+        out, ref, got, want = _run(FRAMES_LAYER, device=device)
+        _run(FRAMES_LAYER, device=device, seed=1)  # the same key again: no second warning
+    _assert_matches(out, ref, got, want, torch.float32)
+    ours = [str(w.message) for w in record if name in str(w.message)]
+    assert len(ours) == 1, ours
+    assert direction in ours[0] and "(2, 5, 3, 7, 8)" in ours[0]  # names the layer
+    d = _decision(direction)
+    assert d["chosen"] != name and d["passed"][name] is False
+    assert d["times_ms"][name] is None
+    assert {"wrong": "differs from the reference", "raise": "raised RuntimeError",
+            "layout": "strides"}[how] in d["errors"][name]
+
+
+def test_reference_is_always_a_candidate_even_when_alone(monkeypatch):
+    # A layer with temporal padding: only the reference and the other 3D layout apply.
+    layer = dict(FRAMES_LAYER, ksize=(3, 3, 3), padding=(1, 1, 1))
+    monkeypatch.setitem(conv_algos.ALGORITHMS, "conv3d_cl",
+                        _broken("conv3d_cl", "forward", "raise"))
+    with pytest.warns(RuntimeWarning, match="conv3d_cl"):
+        out, ref, _, _ = _run(layer, backward=False)
+    assert _rel(out, ref) < 1e-5
+    assert _decision("forward")["chosen"] == "aten"
+
+
+# ---- the cache file ---------------------------------------------------------------------------
+
+
+def test_cache_round_trip(fresh_plan, monkeypatch):
+    _inject(monkeypatch, {"conv2d_frames_nchw": 2.0})
+    _run(FRAMES_LAYER)
+    path = fresh_plan / "conv_plan.json"
+    data = json.loads(path.read_text())
+    assert data["format"] == "vidconv-conv-plan"
+    (env,) = data["environments"]
+    assert f"vidconv={vidconv.__version__}" in env and f"torch={torch.__version__}" in env
+    assert len(data["environments"][env]) == 3  # forward, input grad, weight grad
+    first = {d["key"]["direction"]: d["chosen"] for d in conv_plan()}
+
+    clear_conv_plan()  # a new process, as far as the plan knows
+
+    def no_timing(*args):
+        raise AssertionError("a cached decision must not be timed again")
+
+    monkeypatch.setattr(conv_planner, "time_candidate", no_timing)
+    out, ref, got, want = _run(FRAMES_LAYER, seed=3)
+    _assert_matches(out, ref, got, want, torch.float32)
+    assert all(d["from_cache"] for d in conv_plan())
+    assert {d["key"]["direction"]: d["chosen"] for d in conv_plan()} == first == {
+        d: "conv2d_frames_nchw" for d in conv_algos.DIRECTIONS}
+    assert list(fresh_plan.glob("*.tmp")) == []  # no temporary file left behind
+
+    clear_conv_plan(cache_file=True)
+    assert not path.exists()
+
+
+def test_other_environment_is_not_used(fresh_plan, monkeypatch):
+    _inject(monkeypatch, {"conv3d_cl": 1.0})
+    _run(FRAMES_LAYER, backward=False)
+    clear_conv_plan()
+    monkeypatch.setattr(conv_planner, "environment", lambda: "torch=0.0;vidconv=other")
+    _inject(monkeypatch, {"conv2d_frames_cl": 1.0})
+    _run(FRAMES_LAYER, backward=False)
+    d = _decision("forward")
+    assert not d["from_cache"] and d["chosen"] == "conv2d_frames_cl"
+    # Both environments' entries are kept (merged, not clobbered).
+    data = json.loads((fresh_plan / "conv_plan.json").read_text())
+    assert len(data["environments"]) == 2
+
+
+@pytest.mark.parametrize("content", [
+    "{not json",
+    "truncated",
+    json.dumps([1, 2, 3]),
+    json.dumps({"format": "someone-else", "entries": {}}),
+    json.dumps({"format": "vidconv-conv-plan", "version": 999, "environments": {}}),
+], ids=["corrupt", "truncated", "list", "foreign", "future-version"])
+def test_bad_cache_file_warns_once_and_is_rewritten(fresh_plan, monkeypatch, content):
+    path = fresh_plan / "conv_plan.json"
+    if content == "truncated":
+        _inject(monkeypatch, {})
+        _run(FRAMES_LAYER, backward=False)
+        full = path.read_text()
+        content = full[: len(full) // 2]
+        clear_conv_plan()
+    path.write_text(content)
+    _inject(monkeypatch, {"conv3d_cl": 1.0})
+    with pytest.warns(RuntimeWarning, match="conv_plan.json") as record:
+        out, ref, got, want = _run(FRAMES_LAYER)
+    _assert_matches(out, ref, got, want, torch.float32)
+    assert len([w for w in record if "conv_plan.json" in str(w.message)]) == 1
+    data = json.loads(path.read_text())
+    assert data["format"] == "vidconv-conv-plan" and data["version"] == 1
+    (entries,) = data["environments"].values()
+    assert len(entries) == 3
+
+
+def test_unwritable_cache_dir_warns_and_keeps_working(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("VIDCONV_CACHE_DIR", str(blocker / "sub"))
+    _inject(monkeypatch, {"conv3d_cl": 1.0})
+    with pytest.warns(RuntimeWarning, match="cannot write the conv plan cache"):
+        out, ref, _, _ = _run(FRAMES_LAYER, backward=False)
+    assert _rel(out, ref) < 1e-5
+    assert _decision("forward")["chosen"] == "conv3d_cl"
+
+
+_WRITER = """
+import os, sys
+from vidconv.ops import conv_planner
+tag = sys.argv[1]
+for i in range(int(sys.argv[2])):
+    conv_planner.store_entries({f"{tag}-{i}": {"chosen": "aten", "i": i}})
+"""
+
+
+def test_two_processes_writing_at_once_lose_nothing(fresh_plan, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), VIDCONV_CACHE_DIR=str(fresh_plan))
+    procs = [subprocess.Popen([sys.executable, str(script), tag, "40"], env=env,
+                              stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    data = json.loads((fresh_plan / "conv_plan.json").read_text())
+    (entries,) = data["environments"].values()
+    assert set(entries) == {f"{t}-{i}" for t in "ab" for i in range(40)}
+
+
+# ---- knobs ------------------------------------------------------------------------------------
+
+
+def test_algo_aten_runs_the_reference_without_timing(monkeypatch):
+    calls: list[str] = []
+    _inject(monkeypatch, {}, calls)
+    monkeypatch.setenv("VIDCONV_CONV_ALGO", "aten")
+    out, ref, got, want = _run(STACKED_LAYER)
+    _assert_matches(out, ref, got, want, torch.float32)
+    assert calls == [] and conv_plan() == []
+
+
+def test_algo_named_candidate_is_used_where_it_applies(monkeypatch):
+    calls: list[str] = []
+    _inject(monkeypatch, {}, calls)
+    monkeypatch.setenv("VIDCONV_CONV_ALGO", "conv2d_frames_cl")
+    out, ref, got, want = _run(FRAMES_LAYER)
+    _assert_matches(out, ref, got, want, torch.float32)
+    assert calls == []
+    assert all(d["chosen"] == "conv2d_frames_cl" and d["how"] == "forced" for d in conv_plan())
+    # Where it does not apply (kt = 2): the reference, and one warning saying so.
+    with pytest.warns(RuntimeWarning, match="does not apply"):
+        _run(STACKED_LAYER, backward=False)
+    assert _decision("forward", kernel=(2, 3, 3))["chosen"] == "aten"
+    # Back to auto: the forced decisions are not taken for tuned ones.
+    monkeypatch.setenv("VIDCONV_CONV_ALGO", "auto")
+    _inject(monkeypatch, {"conv3d_cl": 1.0}, calls)
+    _run(FRAMES_LAYER, backward=False)
+    d = _decision("forward", kernel=(1, 3, 3))
+    assert d["how"] == "tuned" and d["chosen"] == "conv3d_cl"
+
+
+def test_algo_fused_without_the_kernel_runs_the_reference(monkeypatch):
+    monkeypatch.setenv("VIDCONV_CONV_ALGO", "fused")
+    out, ref, got, want = _run(FRAMES_LAYER)  # CPU: the fused kernel is CUDA only
+    _assert_matches(out, ref, got, want, torch.float32)
+
+
+@pytest.mark.parametrize(("var", "value", "match"), [
+    ("VIDCONV_CONV_ALGO", "cudnn_magic", r"VIDCONV_CONV_ALGO must be one of auto, aten, fused"),
+    ("VIDCONV_TUNE", "maybe", r"VIDCONV_TUNE must be 0 or 1, got 'maybe'"),
+])
+def test_bad_knob_value_is_a_clear_error(monkeypatch, var, value, match):
+    monkeypatch.setenv(var, value)
+    x, w, b = _inputs(**FRAMES_LAYER)
+    with pytest.raises(ValueError, match=match) as info:
+        st_conv3d(x, w, b, FRAMES_LAYER["stride"], FRAMES_LAYER["padding"])
+    if var == "VIDCONV_CONV_ALGO":
+        assert "conv2d_frames_cl" in str(info.value) and "'cudnn_magic'" in str(info.value)
+
+
+def test_use_conv_algo_overrides_the_environment_and_checks_the_name(monkeypatch):
+    monkeypatch.setenv("VIDCONV_CONV_ALGO", "conv3d_cl")
+    with vidconv.ops.use_conv_algo("aten"):
+        _run(FRAMES_LAYER, backward=False)
+    assert conv_plan() == []
+    with pytest.raises(ValueError, match="VIDCONV_CONV_ALGO must be"), \
+            vidconv.ops.use_conv_algo("nope"):
+        pass
+    assert conv_planner._mode() == "conv3d_cl"
+
+
+def test_tune_0_uses_the_fixed_choice_without_timing(monkeypatch):
+    calls: list[str] = []
+    _inject(monkeypatch, {}, calls)
+    monkeypatch.setenv("VIDCONV_TUNE", "0")
+    out, ref, got, want = _run(FRAMES_LAYER)
+    _assert_matches(out, ref, got, want, torch.float32)
+    assert calls == []
+    assert [d["how"] for d in conv_plan()] == ["heuristic"] * 3
+    assert all(d["chosen"] == "aten" for d in conv_plan())
+
+
+# ---- compile ----------------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_with_auto(device, monkeypatch):
+    torch._dynamo.reset()
+    _inject(monkeypatch, {"conv2d_frames_cl": 1.0})
+    x, w, b = _inputs(**FRAMES_LAYER, device=device)
+    x.requires_grad_()
+    w.requires_grad_()
+
+    def f(x_, w_, b_):
+        return st_conv3d(x_, w_, b_, FRAMES_LAYER["stride"], FRAMES_LAYER["padding"]).sum()
+
+    backend = "inductor" if device == "cuda" else "aot_eager"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    got = compiled(x, w, b)
+    gx, gw = torch.autograd.grad(got, (x, w))
+    want = f(x, w, b)
+    wx, ww = torch.autograd.grad(want, (x, w))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(gx, wx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-5)
+    assert {d["key"]["direction"]: d["chosen"] for d in conv_plan()} == {
+        d: "conv2d_frames_cl" for d in conv_algos.DIRECTIONS}
+
+
+# ---- whatever is chosen equals the reference ----------------------------------------------------
+
+
+def _paper_layers(width: float = 0.125) -> list[dict]:
+    """Every conv layer shape of every architecture, full resolution and multires, at a small
+    width (so C and K are small) and batch 1: captured from the models' own layer tables."""
+    from vidconv.models import build, list_models
+    from vidconv.nn import SpatioTemporalConv
+
+    shapes: dict[tuple, dict] = {}
+    for name in list_models():
+        for multires in (False, True):
+            model = build(name, multires=multires, width=width).eval()
+
+            def hook(module, args, shapes=shapes):
+                x = args[0]
+                layer = dict(n=1, c=x.shape[1], k=module.out_channels, ksize=module.kernel_size,
+                             stride=module.stride, padding=module.padding,
+                             thw=tuple(x.shape[2:]))
+                shapes.setdefault(tuple(sorted(layer.items())), layer)
+
+            handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+                       if isinstance(m, SpatioTemporalConv)]
+            t, s = model.spec.frames, model.spec.size
+            clip = torch.zeros(1, 3, t, s, s)
+            with torch.no_grad(), vidconv.ops.use_conv_algo("aten"):
+                model((clip, clip) if model.multires else clip)
+            for h in handles:
+                h.remove()
+    return list(shapes.values())
+
+
+PAPER_LAYERS = _paper_layers()
+
+
+def test_paper_layer_table_is_complete():
+    kernels = {layer["ksize"] for layer in PAPER_LAYERS}
+    # single frame, early fusion (T=10 at once), slow fusion (4/2/2), and the shared 3x3 layers
+    assert {(1, 11, 11), (10, 11, 11), (4, 11, 11), (2, 5, 5), (2, 3, 3), (1, 3, 3)} <= kernels
+    sizes = {layer["thw"][1] for layer in PAPER_LAYERS if layer["ksize"][1] == 11}
+    assert sizes == {170, 89}  # full resolution and the multires streams
+
+
+def _every_candidate(layer, device, dtype, x_format=torch.contiguous_format):
+    x, w, _ = _inputs(**layer, device=device, dtype=dtype)
+    x = x.contiguous(memory_format=x_format)
+    key = conv_planner.make_key("forward", x, w, True, layer["stride"], layer["padding"], True)
+    return [a.name for a in conv_planner.candidates_for(key, x.device.type, dtype)]
+
+
+@pytest.mark.parametrize("layer", PAPER_LAYERS,
+                         ids=[f"{la['ksize']}-{la['thw']}-{la['c']}" for la in PAPER_LAYERS])
+def test_every_candidate_matches_reference_on_paper_layers(device, layer, monkeypatch):
+    dtype = torch.float32
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+    for name in _every_candidate(layer, device, dtype):
+        monkeypatch.setenv("VIDCONV_CONV_ALGO", name)
+        out, ref, got, want = _run(layer, device=device, dtype=dtype)
+        _assert_matches(out, ref, got, want, dtype)
+    monkeypatch.setenv("VIDCONV_CONV_ALGO", "auto")
+    _inject(monkeypatch, {})
+    out, ref, got, want = _run(layer, device=device, dtype=dtype,
+                               x_format=torch.channels_last_3d)
+    _assert_matches(out, ref, got, want, dtype)
+    assert all(all(d["passed"].values()) for d in conv_plan()), [d["errors"] for d in conv_plan()]
+
+
+def _awkward(count: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    cases = []
+    while len(cases) < count:
+        kt = rng.choice([1, 1, 2, 3, 4])
+        st = rng.choice([1, kt, kt, 2])
+        pt = rng.choice([0, 0, 0, 1])
+        kh, kw = rng.randint(1, 5), rng.randint(1, 5)
+        to, ho, wo = rng.randint(1, 3), rng.randint(1, 5), rng.randint(1, 5)
+        sh, sw = rng.randint(1, 3), rng.randint(1, 3)
+        ph, pw = rng.randint(0, kh // 2), rng.randint(0, kw // 2)
+        thw = (max(kt - 2 * pt, (to - 1) * st + kt - 2 * pt) + rng.randint(0, st - 1),
+               (ho - 1) * sh + kh - 2 * ph, (wo - 1) * sw + kw - 2 * pw)
+        if min(thw) < 1:
+            continue
+        cases.append(dict(c=rng.choice([1, 3, 5, 13]), k=rng.choice([1, 7, 13, 17]),
+                          ksize=(kt, kh, kw), stride=(st, sh, sw), padding=(pt, ph, pw),
+                          thw=thw))
+    return cases
+
+
+AWKWARD = _awkward(16, seed=5)
+
+
+@pytest.mark.parametrize("layer", AWKWARD, ids=[f"{la['ksize']}-{la['stride']}-{la['thw']}"
+                                                 for la in AWKWARD])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_candidate_matches_reference_on_awkward_shapes(device, layer, dtype, monkeypatch):
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+    for x_format in (torch.contiguous_format, torch.channels_last_3d):
+        for name in ["auto", *_every_candidate(layer, device, dtype, x_format)]:
+            monkeypatch.setenv("VIDCONV_CONV_ALGO", name)
+            out, ref, got, want = _run(layer, device=device, dtype=dtype, x_format=x_format)
+            _assert_matches(out, ref, got, want, dtype)
+            # The documented layout, whichever candidate ran.
+            expect = (torch.channels_last_3d if device == "cuda" or (
+                x_format == torch.channels_last_3d and not out.is_contiguous())
+                else torch.contiguous_format)
+            assert out.is_contiguous(memory_format=expect)
+            for g, like in zip(got, _inputs(**layer, dtype=dtype)[:2], strict=False):
+                assert g.shape == like.shape
+
+
+# ---- torch.distributed ------------------------------------------------------------------------
+
+_DDP_RANK = """
+import json, os, sys, warnings
+import torch
+import torch.distributed as dist
+from vidconv.ops import conv_plan, conv_planner, st_conv3d
+
+rank = int(os.environ["RANK"])
+# Each rank's own measurement prefers another candidate: only the broadcast can make them agree.
+fastest = ["conv2d_frames_cl", "conv3d_cl"][rank]
+def fake(name, run, device, repeats):
+    run()
+    return [1.0 if name == fastest else 5.0] * repeats
+conv_planner.time_candidate = fake
+dist.init_process_group("gloo", init_method="env://")
+x = torch.randn(2, 5, 3, 7, 8, requires_grad=True)
+w = torch.randn(7, 5, 1, 3, 3, requires_grad=True)
+out = st_conv3d(x, w, None, (1, 1, 2), (0, 1, 1))
+out.sum().backward()
+dist.barrier()
+print(json.dumps([[d["key"]["direction"], d["chosen"], d["how"]] for d in conv_plan()]))
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_ranks_use_rank0_choice(tmp_path):
+    import socket
+
+    script = tmp_path / "rank.py"
+    script.write_text(_DDP_RANK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        cache = tmp_path / f"cache{rank}"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), VIDCONV_CACHE_DIR=str(cache),
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    rank0, rank1 = results
+    assert [c for _, c, _ in rank0] == ["conv2d_frames_cl"] * 3
+    assert [c for _, c, _ in rank1] == ["conv2d_frames_cl"] * 3  # not its own conv3d_cl
+    assert {h for _, _, h in rank0} == {"tuned"} and {h for _, _, h in rank1} == {"rank0"}
+    assert (tmp_path / "cache0" / "conv_plan.json").exists()
+    assert not (tmp_path / "cache1" / "conv_plan.json").exists()  # only rank 0 writes
+
+
+# ---- CUDA only ----------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_fused_tiles_are_candidates_and_correct(dtype, monkeypatch):
+    torch.backends.cudnn.allow_tf32 = False
+    tiles = conv_algos.fused_tile_configs()[str(dtype).removeprefix("torch.")]
+    assert len(tiles) >= 2
+    names = _every_candidate(STACKED_LAYER, "cuda", dtype)
+    assert {f"fused_{t}" for t in tiles} <= set(names)
+    for name in [f"fused_{t}" for t in tiles]:
+        monkeypatch.setenv("VIDCONV_CONV_ALGO", name)
+        out, ref, got, want = _run(STACKED_LAYER, device="cuda", dtype=dtype)
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+        _assert_matches(out, ref, got, want, dtype)
+    monkeypatch.setenv("VIDCONV_CONV_ALGO", "fused")
+    _run(STACKED_LAYER, device="cuda", dtype=dtype, backward=False)
+    assert _decision("forward")["chosen"].startswith("fused_")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_auto_is_never_the_slower_of_chosen_and_reference(dtype):
+    # Real timings: the chosen candidate's median is the smallest measured, so never above the
+    # reference's (what "never slower than cuDNN" means per key).
+    out, ref, got, want = _run(dict(c=64, k=128, ksize=(1, 3, 3), stride=(1, 1, 1),
+                                    padding=(0, 1, 1), thw=(4, 28, 28)), device="cuda",
+                               dtype=dtype)
+    _assert_matches(out, ref, got, want, dtype)
+    for d in conv_plan():
+        times = {n: t for n, t in d["times_ms"].items() if t is not None}
+        assert d["chosen"] in times and times[d["chosen"]] <= times["aten"]
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_after_first_call():
+    x, w, b = _inputs(**FRAMES_LAYER, device="cuda", dtype=torch.bfloat16)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    eager = st_conv3d(x, w, b, FRAMES_LAYER["stride"], FRAMES_LAYER["padding"])  # tunes
+    graph = torch.cuda.CUDAGraph()
+    static_x = x.clone()
+    with torch.cuda.graph(graph):
+        captured = st_conv3d(static_x, w, b, FRAMES_LAYER["stride"], FRAMES_LAYER["padding"])
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager)
+    # A layer first met during capture: the fixed choice, nothing decided or synchronised.
+    layer = STACKED_LAYER
+    x2, w2, b2 = _inputs(**layer, device="cuda", dtype=torch.bfloat16)
+    graph2 = torch.cuda.CUDAGraph()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.cuda.graph(graph2):
+            out2 = st_conv3d(x2, w2, b2, layer["stride"], layer["padding"])
+    graph2.replay()
+    torch.cuda.synchronize()
+    ref2 = st_conv3d_reference(x2, w2, b2, layer["stride"], layer["padding"],
+                               compute_device="cuda")
+    assert _rel(out2, ref2) < 2e-2
+    assert not [d for d in conv_plan() if d["key"]["kernel"] == (2, 3, 3)]
+
+
+def test_autocast_does_not_reach_inside_the_op(monkeypatch):
+    # The float64 check must stay float64 and the output keep x's dtype (what the fake says).
+    _inject(monkeypatch, {"conv3d_cl": 1.0})
+    x, w, b = _inputs(**FRAMES_LAYER)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = st_conv3d(x, w, b, FRAMES_LAYER["stride"], FRAMES_LAYER["padding"])
+    assert out.dtype == torch.float32
+    ref = st_conv3d_reference(x, w, b, FRAMES_LAYER["stride"], FRAMES_LAYER["padding"])
+    assert _rel(out, ref) < 1e-5
+    d = _decision("forward")
+    assert d["chosen"] == "conv3d_cl" and all(d["passed"].values())
+    assert d["tolerance"] < 1e-4  # derived from a float32-vs-float64 drift, not bfloat16's
