@@ -1,7 +1,8 @@
 """A small, complete workload for compute-sanitizer: every vidconv CUDA kernel, once per path.
 
 Run under ``compute-sanitizer --tool memcheck|racecheck|synccheck`` by benchmarks/gpu_check.py;
-shapes are small (the tools slow kernels down 10-100x) but awkward: odd sizes, C=3 (the
+shapes are small (the tools slow kernels down 10-100x) but awkward, and on CUDA every tile of
+the fused convolution kernel is forced in turn: odd sizes, C=3 (the
 channel-padding path), a ragged last tile, a channels_last_3d view at an odd storage offset
 (the 16-byte alignment fallback), every dtype the kernels take, forward and backward. Each
 result is also compared with vidconv.reference, so a run that the tool reports clean but that
@@ -23,7 +24,8 @@ from collections.abc import Callable
 import torch
 
 from vidconv import reference
-from vidconv.ops import crop_normalize, fovea_context, st_conv3d
+from vidconv.ops import crop_normalize, fovea_context, st_conv3d, use_conv_algo
+from vidconv.ops.conv_algos import fused_tile_configs
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 
@@ -78,19 +80,31 @@ CONV_CASES = [
 ]
 
 
+def _algos(device: str, dtype: torch.dtype) -> list[str]:
+    """Every tile of the fused kernel on CUDA (the measured dispatch might otherwise pick cuDNN
+    and leave our kernel unchecked); the dispatch's own choice on the CPU."""
+    if device != "cuda":
+        return ["auto"]
+    tiles = fused_tile_configs().get(str(dtype).removeprefix("torch."), [])
+    assert tiles, f"the extension reports no fused tiles for {dtype}"
+    return [f"fused_{t}" for t in tiles]
+
+
 def check_st_conv3d(device: str) -> None:
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     for i, (c, k, ksize, stride, padding, thw) in enumerate(CONV_CASES):
         for dtype in dtypes:
-            x, w, b = _conv_inputs(2, c, k, ksize, thw, device, dtype, seed=i)
-            x.requires_grad_(True)
-            w.requires_grad_(True)
-            out = st_conv3d(x, w, b, stride, padding)
-            ref = reference.st_conv3d_reference(x.detach().cpu(), w.detach().cpu(),
-                                                b.cpu(), stride, padding, "relu")
-            assert _rel_err(out, ref) < TOL[dtype], f"st_conv3d case {i} {dtype} differs"
-            out.float().square().sum().backward()
-            assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+            for algo in _algos(device, dtype):
+                x, w, b = _conv_inputs(2, c, k, ksize, thw, device, dtype, seed=i)
+                x.requires_grad_(True)
+                w.requires_grad_(True)
+                with use_conv_algo(algo):
+                    out = st_conv3d(x, w, b, stride, padding)
+                    out.float().square().sum().backward()
+                ref = reference.st_conv3d_reference(x.detach().cpu(), w.detach().cpu(),
+                                                    b.cpu(), stride, padding, "relu")
+                assert _rel_err(out, ref) < TOL[dtype], f"st_conv3d {algo} case {i} {dtype}"
+                assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
     # channels_last_3d view at an odd element offset, C a multiple of 8: read in place would be
     # misaligned for 16-byte copies, so the launcher must copy it first.
     n, c, t, h, wd = 2, 16, 3, 7, 6
@@ -99,10 +113,12 @@ def check_st_conv3d(device: str) -> None:
         flat = torch.zeros(x.numel() + 1, dtype=dtype, device=device)
         xv = flat[1:].view(n, t, h, wd, c).permute(0, 4, 1, 2, 3)
         xv.copy_(x)
-        out = st_conv3d(xv, w.to(device, dtype), b.to(device, dtype), 1, (0, 1, 1))
         ref = reference.st_conv3d_reference(xv.cpu(), w.to(dtype), b.to(dtype), 1, (0, 1, 1),
                                             "relu")
-        assert _rel_err(out, ref) < TOL[dtype], f"misaligned channels_last_3d view {dtype}"
+        for algo in _algos(device, dtype):
+            with use_conv_algo(algo):
+                out = st_conv3d(xv, w.to(device, dtype), b.to(device, dtype), 1, (0, 1, 1))
+            assert _rel_err(out, ref) < TOL[dtype], f"misaligned view {algo} {dtype}"
 
 
 CHECKS: dict[str, Callable[[str], None]] = {
