@@ -251,13 +251,11 @@ def test_sm90_kernel_host_emulation(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build the emulator")
 def test_sm90_emulation_catches_an_early_stage_release(tmp_path):
-    # The emulation runs the kernel's code, so a kernel bug fails it, here one no output value
-    # would show on the host: the consumers hand a stage back to the producer before their wgmma
-    # completed (on the device the producer could overwrite operands still being read).
-    bug = ("      wgmma_wait_all();  // this stage's reads are done: hand it back\n"
-           "      fence_accumulator(acc);\n      mbar_arrive(&empty[ps.stage]);\n")
-    fix = ("      mbar_arrive(&empty[ps.stage]);\n      wgmma_wait_all();\n"
-           "      fence_accumulator(acc);\n")
+    # The emulation runs the kernel's code, so a kernel bug fails it, here one that shows as a
+    # race on the device: the consumers hand a stage back to the producer while a wgmma reading
+    # it may still be in flight (the producer could overwrite operands being read).
+    bug = "      wgmma_wait<1>();"
+    fix = "      wgmma_wait<2>();"  # two groups in flight: the released stage may still be read
     root = Path(__file__).resolve().parent.parent
     shutil.copytree(root / "csrc", tmp_path / "csrc")
     kernel = tmp_path / "csrc" / "cuda" / "st_conv3d_sm90_kernel.cu"
@@ -270,7 +268,7 @@ def test_sm90_emulation_catches_an_early_stage_release(tmp_path):
     ok, line = emu.run_case(exe, tmp_path, case, torch.float16, relu=True, has_bias=True,
                             seed=0, grid=2)
     assert not ok, line
-    assert "stage release) while this thread's wgmma are in flight" in line, line
+    assert "stage release) while this thread's wgmma are in flight on that stage" in line, line
 
 
 # ---- bad input ----------------------------------------------------------------------------

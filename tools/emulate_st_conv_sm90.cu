@@ -10,7 +10,8 @@
 //   cp.async.mbarrier.arrive.noinc is one arrival (the copies already landed: cp.async is a
 //   synchronous copy here).
 // - wgmma.mma_async.m64n128k16 (f32 += bf16/f16): queued at issue, executed at
-//   wgmma.wait_group 0 for committed groups, so a stage released before its wgmma completed, a
+//   wgmma.wait_group N for all committed groups but the newest N, so a stage released while a
+//   wgmma reading it is in flight, a
 //   wgmma without wgmma.fence, or one reading a stage without fence.proxy.async after the wait
 //   on "full", is reported. Operands are read through the matrix descriptors exactly as the
 //   ISA defines them for K-major 128B swizzle (start address, stride byte offset between 8-row
@@ -59,7 +60,6 @@ struct Pending {
   float* d;
   uint64_t da, db;
   bool bf16;
-  int stage_lo, stage_hi;  // shared byte range the operands lie in (for the release check)
 };
 
 // Everything one block's emulation shares between its threads.
@@ -82,7 +82,7 @@ BlockModel* g_block = nullptr;
 std::atomic<long long> g_bad_smem{0}, g_sync_errors{0}, g_oob{0};
 thread_local int t_tid = -1;
 thread_local std::vector<Pending> t_pending;
-thread_local size_t t_committed = 0;
+thread_local std::vector<size_t> t_groups;  // sizes of the committed, unfinished groups
 thread_local bool t_proxy_fenced = false, t_wgmma_fenced = false;
 
 void sync_error(const char* what) {
@@ -280,9 +280,26 @@ void arrive(uint64_t* bar) {
 }
 }  // namespace
 
+// Which pipeline stage a shared address lies in (-1: none).
+int stage_of(uint32_t addr) {
+  const uint32_t base = g_block->aligned;
+  if (addr < base || addr >= base + kStages * kStageBytes) return -1;
+  return static_cast<int>((addr - base) / kStageBytes);
+}
+
 void mbar_arrive(uint64_t* bar) {
-  if (!t_pending.empty()) {
-    sync_error("mbarrier arrive (stage release) while this thread's wgmma are in flight");
+  const uint32_t addr = smem_address(bar);
+  const uint32_t empty0 = g_block->aligned + kBarrierOffset + 8 * kStages;
+  if (addr >= empty0 && addr < empty0 + 8 * kStages) {
+    const int stage = static_cast<int>((addr - empty0) / 8);
+    for (const Pending& w : t_pending) {
+      if (stage_of(static_cast<uint32_t>(w.da & 0x3FFF) << 4) == stage ||
+          stage_of(static_cast<uint32_t>(w.db & 0x3FFF) << 4) == stage) {
+        sync_error("mbarrier arrive (stage release) while this thread's wgmma are in flight "
+                   "on that stage");
+        break;
+      }
+    }
   }
   arrive(bar);
 }
@@ -317,22 +334,32 @@ void wgmma_m64n128k16(float* d, uint64_t desc_a, uint64_t desc_b, bool bf16) {
   if (!t_proxy_fenced) sync_error("wgmma reads cp.async data without fence.proxy.async");
   if (!t_wgmma_fenced) sync_error("wgmma without a preceding wgmma.fence");
   if (bf16 != g_block->bf16) sync_error("wgmma of the wrong element type");
-  t_pending.push_back({d, desc_a, desc_b, bf16, 0, 0});
+  t_pending.push_back({d, desc_a, desc_b, bf16});
 }
 
-void wgmma_commit() { t_committed = t_pending.size(); }
+void wgmma_commit() {
+  size_t committed = 0;
+  for (const size_t g : t_groups) committed += g;
+  t_groups.push_back(t_pending.size() - committed);
+}
 
-void wgmma_wait_all() {
-  if (t_committed != t_pending.size()) sync_error("wgmma.wait_group 0 with uncommitted wgmma");
-  for (size_t i = 0; i < t_committed; ++i) {
-    if (t_pending[i].bf16) {
-      run_wgmma<__nv_bfloat16>(t_pending[i]);
-    } else {
-      run_wgmma<__half>(t_pending[i]);
+// wgmma.wait_group N: every committed group but the newest N completes (runs, in the model).
+void wgmma_wait(int pending) {
+  size_t committed = 0;
+  for (const size_t g : t_groups) committed += g;
+  if (committed != t_pending.size()) sync_error("wgmma.wait_group with uncommitted wgmma");
+  while (t_groups.size() > static_cast<size_t>(pending)) {
+    const size_t count = t_groups.front();
+    for (size_t i = 0; i < count; ++i) {
+      if (t_pending[i].bf16) {
+        run_wgmma<__nv_bfloat16>(t_pending[i]);
+      } else {
+        run_wgmma<__half>(t_pending[i]);
+      }
     }
+    t_pending.erase(t_pending.begin(), t_pending.begin() + static_cast<long>(count));
+    t_groups.erase(t_groups.begin());
   }
-  t_pending.erase(t_pending.begin(), t_pending.begin() + static_cast<long>(t_committed));
-  t_committed = 0;
   t_wgmma_fenced = false;
 }
 

@@ -82,7 +82,7 @@ void fence_proxy_async();
 void wgmma_fence();
 void wgmma_m64n128k16(float* d, uint64_t desc_a, uint64_t desc_b, bool bf16);
 void wgmma_commit();
-void wgmma_wait_all();
+void wgmma_wait(int pending);
 }  // namespace sm90_host_model
 #define ST90_HOST(call) sm90_host_model::call
 #else
@@ -262,13 +262,15 @@ __host__ __device__ __forceinline__ void wgmma_commit() {
 #endif
 }
 
-__host__ __device__ __forceinline__ void wgmma_wait_all() {
+// Waits until at most `kPending` committed wgmma groups of this thread are still in flight.
+template <int kPending>
+__host__ __device__ __forceinline__ void wgmma_wait() {
 #if ST90_HOPPER
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 #elif ST90_OTHER_DEVICE
   __trap();
 #else
-  ST90_HOST(wgmma_wait_all());
+  ST90_HOST(wgmma_wait(kPending));
 #endif
 }
 
@@ -630,7 +632,8 @@ __host__ __device__ __forceinline__ void run_consumer(const StConvArgs& p, const
   const int wg = ctid / kProducerThreads;  // consumer warpgroup 0 or 1: rows 64*wg .. +63
   const int t = ctid % kProducerThreads;
   float acc[64];
-  PipeState ps;
+  PipeState ps;       // the stage the next reduction tile arrives in
+  PipeState release;  // the oldest stage this thread still reads (one behind ps within a tile)
   for (int tile = block; tile < plan.n_tiles; tile += grid) {
     const TileOrigin o = tile_origin(tile, plan.tiles_n);
 ST90_UNROLL
@@ -649,11 +652,20 @@ ST90_UNROLL
         Wgmma<T>::run(acc, sw128_desc(a + kk * 32), sw128_desc(b + kk * 32));
       }
       wgmma_commit();
-      wgmma_wait_all();  // this stage's reads are done: hand it back
+      // One group stays in flight: the previous reduction tile's is done, so its stage goes
+      // back to the producer while this one's multiplies run.
+      wgmma_wait<1>();
       fence_accumulator(acc);
-      mbar_arrive(&empty[ps.stage]);
+      if (kt > 0) {
+        mbar_arrive(&empty[release.stage]);
+        release.advance();
+      }
       ps.advance();
     }
+    wgmma_wait<0>();
+    fence_accumulator(acc);
+    mbar_arrive(&empty[release.stage]);
+    release.advance();
     sm90_epilogue(p, plan.m_total, o, wg, t, acc, store);
   }
 }
