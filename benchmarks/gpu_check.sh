@@ -90,6 +90,7 @@ tee -a "$out/versions.txt" < "$out/build_info.log" > /dev/null
 if command -v nvcc > /dev/null; then
   step check_cuda bash tools/check_cuda.sh "$out/ptxas"
   step emulate_st_conv "$py" tools/emulate_st_conv.py
+  step emulate_st_conv_sm90 "$py" tools/emulate_st_conv_sm90.py
 fi
 
 # ---- DALI (GPU decode): install from local wheels when missing ------------------------------

@@ -50,7 +50,7 @@ for f in "${files[@]}"; do
   if grep -q "wgmma.mma_async" "$f"; then
     if [ -z "$cuobjdump_bin" ]; then
       echo "check_cuda: cuobjdump not found, skipping the HGMMA check of $f" \
-           "(pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)" >&2
+           '(pip install ".[kernel-check]")' >&2
     else
       hgmma=$(PATH="$(dirname "$cuobjdump_bin"):$PATH" "$cuobjdump_bin" -sass -arch sm_90a \
               "$out/$name.o" | grep -c "HGMMA" || true)
