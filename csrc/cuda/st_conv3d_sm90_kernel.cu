@@ -45,6 +45,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
@@ -443,8 +444,8 @@ __host__ __device__ __forceinline__ TapEntry tap_entry(const StConvArgs& p, int 
   tap /= p.kw;
   const int dy = tap % p.kh;
   const int dt = tap / p.kh;
-  const long long delta =
-      ((static_cast<long long>(dt) * p.h + dy) * p.w + dx) * p.c + static_cast<long long>(cv) * kVec;
+  const long long delta = ((static_cast<long long>(dt) * p.h + dy) * p.w + dx) * p.c +
+                          static_cast<long long>(cv) * kVec;
   return {static_cast<int>(delta), dt | (dy << 8) | (dx << 16)};
 }
 
@@ -698,6 +699,16 @@ __host__ __device__ __forceinline__ void sm90_block(const StConvArgs& p, const S
   }
 }
 
+// 1 in the binary of a target with the Hopper body (sm_90a), 0 in every other one. A 9.0 device
+// also loads an sm_90 (no "a") or sm_80 binary when that is all the extension holds, and an
+// sm_90 one reports binaryVersion 90 like sm_90a, so the launcher reads this flag from the
+// binary the runtime picked instead.
+#if ST90_HOPPER
+__device__ int has_hopper_body_flag = 1;
+#else
+__device__ int has_hopper_body_flag = 0;
+#endif
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     st_conv3d_sm90_kernel(const StConvArgs p, const Sm90Plan plan) {
@@ -752,6 +763,36 @@ int sm90_check_shape(const StConvArgs& args, ConvType type) {
   return kSm90Ok;
 }
 
+namespace {
+
+// Whether the binary the runtime loads on `device` holds the Hopper body (has_hopper_body_flag),
+// read once per device. The read is a synchronous copy; under CUDA graph capture (a first call
+// inside torch.cuda.graph) it runs in relaxed capture mode, which permits it.
+bool has_hopper_body(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 yes, 2 no
+  if (device < 0 || device >= kMaxDevices) {
+    return false;
+  }
+  int state = known[device].load();
+  if (state == 0) {
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    (void)cudaThreadExchangeStreamCaptureMode(&mode);
+    int flag = 0;
+    const bool read =
+        cudaMemcpyFromSymbol(&flag, has_hopper_body_flag, sizeof flag) == cudaSuccess;
+    (void)cudaThreadExchangeStreamCaptureMode(&mode);
+    if (!read) {
+      (void)cudaGetLastError();  // "no kernel image for this device": our answer, not an error
+    }
+    state = read && flag == 1 ? 1 : 2;
+    known[device].store(state);
+  }
+  return state == 1;
+}
+
+}  // namespace
+
 int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, cudaStream_t stream) {
   const int shape = sm90_check_shape(args, type);
   if (shape != kSm90Ok) {
@@ -767,19 +808,12 @@ int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, cudaStream_t st
   if (major != 9 || minor != 0) {
     return kSm90WrongDevice;
   }
+  if (!has_hopper_body(device)) {
+    return kSm90NotBuilt;
+  }
   const void* kernel = type == ConvType::kFloat16
                            ? reinterpret_cast<const void*>(&st_conv3d_sm90_kernel<__half>)
                            : reinterpret_cast<const void*>(&st_conv3d_sm90_kernel<__nv_bfloat16>);
-  // Which binary the runtime loads for this device: only an sm_90a one holds the real body (an
-  // sm_80 binary also loads on a 9.0 device, and would trap).
-  cudaFuncAttributes attrs{};
-  if (cudaFuncGetAttributes(&attrs, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();  // clear the "no kernel image" error: it is our answer
-    return kSm90NotBuilt;
-  }
-  if (attrs.binaryVersion != 90) {
-    return kSm90NotBuilt;
-  }
   const Sm90Plan plan = sm90_plan(args);
   const int smem = sm90_smem_bytes(plan.n_vec);
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
