@@ -17,11 +17,14 @@
 //   ISA defines them for K-major 128B swizzle (start address, stride byte offset between 8-row
 //   groups, swizzle = XOR of address bits [4:6] with bits [7:9]); the D fragment layout is the
 //   ISA's m64nNk16 one (warp w rows 16w..16w+15, then the m16n8 layout repeated along N).
+// - cp.async.bulk (global -> shared, complete_tx on an mbarrier) and arrive.expect_tx: the
+//   barrier also counts transaction bytes; a phase completes when arrivals and bytes are done.
 // - Shared memory: one buffer per block placed at shared address 48, so the kernel's own 1024-byte
 //   alignment runs; accesses outside the launch's dynamic shared memory are reported.
 //
 // Checked per block: at every completion of a "full" barrier, every byte of that stage's A and
-// B tiles, read through the swizzle model, is the implicit-im2col / weight element of the tile
+// B tiles, read through the swizzle model, is the implicit-im2col / weight element (of the
+// unpacked weight: the repack is checked with it) of the tile
 // and reduction tile the persistent schedule says it is (zero past an edge, in padding, past K
 // or past the reduction); per output element: written exactly once.
 //
@@ -52,6 +55,7 @@ constexpr uint32_t kWindowBase = 48;  // shared address of the block's dynamic s
 
 struct Mbar {
   int count = 0, pending = 0;
+  long long tx = 0;  // bytes still expected from bulk copies in this phase
   long long completed = 0;
   std::condition_variable cv;
 };
@@ -253,7 +257,9 @@ void mbar_init(uint64_t* bar, int count) {
 }
 
 namespace {
-void arrive(uint64_t* bar) {
+// `arrivals` arrivals and `tx` bytes of expected (+) or completed (-) transactions; the phase
+// completes when both the pending arrivals and the transaction count reach zero.
+void update(uint64_t* bar, int arrivals, long long tx) {
   BlockModel& b = *g_block;
   const uint32_t addr = smem_address(bar);
   std::lock_guard<std::mutex> lock(b.mu);
@@ -263,7 +269,10 @@ void arrive(uint64_t* bar) {
     return;
   }
   Mbar& m = found->second;
-  if (--m.pending == 0) {
+  m.pending -= arrivals;
+  m.tx += tx;
+  if (m.pending < 0) sync_error("more arrivals than the mbarrier's count");
+  if (m.pending == 0 && m.tx == 0) {
     const uint32_t full0 = b.aligned + kBarrierOffset;
     if (addr >= full0 && addr < full0 + 8 * kStages) {
       const int stage = static_cast<int>((addr - full0) / 8);
@@ -278,6 +287,7 @@ void arrive(uint64_t* bar) {
     m.cv.notify_all();
   }
 }
+void arrive(uint64_t* bar) { update(bar, 1, 0); }
 }  // namespace
 
 // Which pipeline stage a shared address lies in (-1: none).
@@ -305,6 +315,18 @@ void mbar_arrive(uint64_t* bar) {
 }
 
 void mbar_arrive_cp_async(uint64_t* bar) { arrive(bar); }
+
+void mbar_arrive_expect_tx(uint64_t* bar, int bytes) { update(bar, 1, bytes); }
+
+// cp.async.bulk: 16-byte aligned addresses, a multiple of 16 bytes; lands at once here.
+void bulk_copy(void* dst, const void* src, int bytes, uint64_t* bar) {
+  const uint32_t addr = smem_address(dst);
+  if (addr % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0 || bytes % 16 != 0) {
+    sync_error("misaligned bulk copy");
+  }
+  std::memcpy(smem_at(addr, bytes), src, static_cast<size_t>(bytes));
+  update(bar, 0, -static_cast<long long>(bytes));
+}
 
 void mbar_wait(uint64_t* bar, unsigned parity) {
   BlockModel& b = *g_block;
@@ -418,6 +440,17 @@ int run(StConvArgs p, int grid_arg, bool has_bias, const char* dir) {
   }
   const Sm90Plan plan = sm90_plan(p);
   const int grid = grid_arg > 0 && grid_arg < plan.n_tiles ? grid_arg : plan.n_tiles;
+  // The launcher's weight repack, through the kernel's own pack_weight_vector.
+  std::vector<uint4> packed(static_cast<size_t>(packed_weight_bytes(plan) / 16));
+  std::memset(packed.data(), 0, packed.size() * 16);
+  for (int kf = 0; kf < p.k; ++kf) {
+    for (int gv = 0; gv < plan.n_vec; ++gv) {
+      pack_weight_vector(static_cast<const unsigned char*>(p.weight),
+                         reinterpret_cast<unsigned char*>(packed.data()), plan, kf, gv);
+    }
+  }
+  StConvArgs kernel_args = p;
+  kernel_args.weight = packed.data();
   const CountingStore<T> store{{static_cast<T*>(p.out), p.k}, &writes};
   for (int block = 0; block < grid; ++block) {
     BlockModel model;
@@ -435,7 +468,7 @@ int run(StConvArgs p, int grid_arg, bool has_bias, const char* dir) {
     for (int tid = 0; tid < kThreads; ++tid) {
       threads.emplace_back([&, tid] {
         t_tid = tid;
-        sm90_block<T>(p, plan, model.smem.data(), tid, block, grid, store);
+        sm90_block<T>(kernel_args, plan, model.smem.data(), tid, block, grid, store);
         if (!t_pending.empty()) sync_error("thread left with wgmma in flight");
       });
     }

@@ -195,7 +195,11 @@ at::Tensor st_conv3d_fused_sm90_cuda(const at::Tensor& x, const at::Tensor& weig
               "st_conv3d_fused_sm90: x must be float16 or bfloat16, got ", dtype);
   return run_fused(x, weight, bias, stride, padding, relu, conv_type(dtype),
                    [&](const cuda::StConvArgs& args, cuda::ConvType t, cudaStream_t stream) {
-                     const int status = cuda::launch_st_conv3d_sm90(args, t, stream);
+                     // Stream-ordered: the allocator reuses it only after the launch.
+                     const at::Tensor packed = at::empty(
+                         {cuda::sm90_packed_weight_bytes(args)}, x.options().dtype(at::kByte));
+                     const int status =
+                         cuda::launch_st_conv3d_sm90(args, t, packed.data_ptr(), stream);
                      TORCH_CHECK(status == cuda::kSm90Ok, "st_conv3d_fused_sm90: ",
                                  cuda::sm90_status_message(status), " (x ", x.sizes(),
                                  ", weight ", weight.sizes(), ", device ", x.device(), ")");

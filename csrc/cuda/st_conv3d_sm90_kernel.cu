@@ -12,10 +12,16 @@
 //   row), read by wgmma.mma_async.m64n128k16 through shared-memory matrix descriptors.
 // - Warp specialisation: warpgroup 0 is the producer, warpgroups 1 and 2 are consumers, each
 //   owning 64 rows of the tile (one m64n128 accumulator, 64 fp32 registers per thread).
-//   Per stage an mbarrier "full" (128 producer arrivals) and "empty" (256 consumer arrivals).
-// - The producer gathers the implicit im2col rows with 16-byte cp.async (zero-fill for padding,
-//   edges and the ragged reduction end) and signals "full" with cp.async.mbarrier.arrive.noinc,
-//   so it never waits for its own copies. Why not TMA: a tile of 128 consecutive output
+//   Per stage an mbarrier "full" (128 cp.async arrivals + 1 expect_tx arrival + the bulk copy's
+//   bytes) and "empty" (256 consumer arrivals). Consumers keep one wgmma group in flight.
+// - B (the weight) comes by bulk copy, the TMA engine without a tensor map: the launcher first
+//   repacks the weight so each (filter tile, reduction tile) block is 16 KiB contiguous in the
+//   stage's swizzled layout, and one producer thread issues cp.async.bulk with an
+//   arrive.expect_tx on "full" per stage.
+// - A (the implicit im2col rows) is gathered by the producer warpgroup with 16-byte cp.async
+//   (zero-fill for padding, edges and the ragged reduction end), each thread signalling "full"
+//   with cp.async.mbarrier.arrive.noinc, so it never waits for its own copies. Why not TMA for
+//   A: a tile of 128 consecutive output
 //   positions wraps across output rows, frames and clips, and strides go up to 3 (conv1), so
 //   neither a tiled box per tap nor the im2col mode's single (w, h) pixel window covers an
 //   M-tile without splitting it into pieces of one output row (often 13 or 27 positions, far
@@ -78,6 +84,8 @@ void block_sync();
 void mbar_init(uint64_t* bar, int count);
 void mbar_arrive(uint64_t* bar);
 void mbar_arrive_cp_async(uint64_t* bar);
+void mbar_arrive_expect_tx(uint64_t* bar, int bytes);
+void bulk_copy(void* dst, const void* src, int bytes, uint64_t* bar);
 void mbar_wait(uint64_t* bar, unsigned parity);
 void fence_proxy_async();
 void wgmma_fence();
@@ -184,6 +192,42 @@ __host__ __device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
 #else
   (void)bar;
   ST90_HOST(mbar_arrive_cp_async(bar));
+#endif
+}
+
+// One arrival on `bar` that also makes the phase wait for `bytes` more bytes of bulk copies.
+__host__ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, int bytes) {
+#if ST90_HOPPER
+  asm volatile(
+      "{\n .reg .b64 state;\n mbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::
+          "r"(smem_addr(bar)),
+      "r"(bytes)
+      : "memory");
+#elif ST90_OTHER_DEVICE
+  (void)bar, (void)bytes;
+  __trap();
+#else
+  (void)bar, (void)bytes;
+  ST90_HOST(mbar_arrive_expect_tx(bar, bytes));
+#endif
+}
+
+// Bulk copy (the TMA engine, no tensor map) of `bytes` contiguous bytes global -> shared; its
+// completion counts the bytes off `bar`'s transaction count.
+__host__ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, int bytes,
+                                                   uint64_t* bar) {
+#if ST90_HOPPER
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
+          "r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+#elif ST90_OTHER_DEVICE
+  (void)dst, (void)src, (void)bytes, (void)bar;
+  __trap();
+#else
+  (void)dst, (void)src, (void)bytes, (void)bar;
+  ST90_HOST(bulk_copy(dst, src, bytes, bar));
 #endif
 }
 
@@ -427,6 +471,42 @@ __host__ __device__ __forceinline__ TileOrigin tile_origin(int tile, int tiles_n
   return {(tile / tiles_n) * kBM, (tile % tiles_n) * kBN};
 }
 
+// ---- packed weight -----------------------------------------------------------------------------
+//
+// The weight (K, R) is repacked once per launch so that the B operand of filter tile nt and
+// reduction tile kt is one contiguous 16 KiB block already in the stage's 128B-swizzled layout
+// (zero past K and past the reduction): one bulk copy per stage then fills the whole B tile,
+// and the producer threads only gather A.
+
+// Byte offset in the packed weight of 16-byte reduction vector gv of filter kf.
+__host__ __device__ __forceinline__ long long packed_weight_offset(const Sm90Plan& plan, int kf,
+                                                                   int gv) {
+  return (static_cast<long long>(kf / kBN) * plan.k_tiles + gv / kVecPerRow) * kOperandBytes +
+         sw128_offset(kf % kBN, gv % kVecPerRow);
+}
+
+__host__ __device__ __forceinline__ long long packed_weight_bytes(const Sm90Plan& plan) {
+  return static_cast<long long>(plan.tiles_n) * plan.k_tiles * kOperandBytes;
+}
+
+// Moves vector gv of filter kf from the (K, kt, kh, kw, C) weight to its packed place.
+__host__ __device__ __forceinline__ void pack_weight_vector(const unsigned char* w,
+                                                            unsigned char* packed,
+                                                            const Sm90Plan& plan, int kf, int gv) {
+  const unsigned char* src = w + (static_cast<long long>(kf) * plan.n_vec + gv) * 16;
+  *reinterpret_cast<uint4*>(packed + packed_weight_offset(plan, kf, gv)) =
+      *reinterpret_cast<const uint4*>(src);
+}
+
+__global__ void sm90_pack_weight_kernel(const unsigned char* w, unsigned char* packed,
+                                        const Sm90Plan plan, int k) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < static_cast<long long>(k) * plan.n_vec) {
+    pack_weight_vector(w, packed, plan, static_cast<int>(i / plan.n_vec),
+                       static_cast<int>(i % plan.n_vec));
+  }
+}
+
 // ---- per-tap table -----------------------------------------------------------------------------
 
 // One reduction vector r/8: its offset from the window's first input element, and its tap
@@ -451,22 +531,25 @@ __host__ __device__ __forceinline__ TapEntry tap_entry(const StConvArgs& p, int 
 
 // ---- producer ----------------------------------------------------------------------------------
 //
-// Producer thread `ptid` owns 16-byte chunk ptid % 8 of rows ptid / 8 + 16 i (i < 8) of both
-// operand tiles. Its rows' output-position decode happens once per tile (start_tile); per
-// reduction tile it reads one table entry and issues 16 cp.asyncs.
+// Producer thread `ptid` owns 16-byte chunk ptid % 8 of rows ptid / 8 + 16 i (i < 8) of the A
+// tile. Its rows' output-position decode happens once per tile (start_tile); per reduction tile
+// it reads one table entry and issues 8 cp.asyncs. Thread 0 also issues the B tile's bulk copy
+// from the packed weight.
 template <typename T>
 struct Sm90Producer {
   static constexpr int kRowStep = kProducerThreads / kVecPerRow;  // 16
   static constexpr int kRows = kBM / kRowStep;                    // 8
   const T* x;
-  const T* w;
+  const unsigned char* w_packed;
   long long a_base[kRows];  // element offset of the row's window origin (may be "negative")
   int a_t0[kRows], a_h0[kRows], a_w0[kRows];
-  long long b_base[kRows];  // element offset of the filter row, -1 past K
+  long long b_block;  // packed block index of the tile's first reduction tile
   int chunk, row0, n_vec, t, h, wd;
+  bool leader;  // issues the B bulk copy
 
   __host__ __device__ __forceinline__ Sm90Producer(const StConvArgs& p, int ptid)
-      : x(static_cast<const T*>(p.input)), w(static_cast<const T*>(p.weight)) {
+      : x(static_cast<const T*>(p.input)), w_packed(static_cast<const unsigned char*>(p.weight)) {
+    leader = ptid == 0;
     chunk = ptid % kVecPerRow;
     row0 = ptid / kVecPerRow;
     n_vec = p.kt * p.kh * p.kw * (p.c / kVec);
@@ -475,12 +558,13 @@ struct Sm90Producer {
     wd = p.w;
   }
 
-  __host__ __device__ __forceinline__ void start_tile(const StConvArgs& p, int m_total, int m0,
-                                                      int n0) {
+  __host__ __device__ __forceinline__ void start_tile(const StConvArgs& p, const Sm90Plan& plan,
+                                                      int m0, int n0) {
+    b_block = static_cast<long long>(n0 / kBN) * plan.k_tiles;
 ST90_UNROLL
     for (int i = 0; i < kRows; ++i) {
       const int m = m0 + row0 + i * kRowStep;
-      if (m < m_total) {
+      if (m < plan.m_total) {
         int r = m;
         const int ow = r % p.wo;
         r /= p.wo;
@@ -500,15 +584,18 @@ ST90_UNROLL
         a_h0[i] = 0;
         a_w0[i] = 0;
       }
-      const int kf = n0 + row0 + i * kRowStep;
-      b_base[i] = kf < p.k ? static_cast<long long>(kf) * n_vec * kVec : -1;
     }
   }
 
-  // Issues reduction tile `kt`'s copies into the stage at a_tile / b_tile (1024-byte aligned).
+  // Issues reduction tile `kt`'s copies into the stage at a_tile / b_tile (1024-byte aligned)
+  // whose "full" barrier is `full`.
   __host__ __device__ __forceinline__ void load(const TapEntry* table, int kt,
-                                                unsigned char* a_tile,
-                                                unsigned char* b_tile) const {
+                                                unsigned char* a_tile, unsigned char* b_tile,
+                                                uint64_t* full) const {
+    if (leader) {
+      mbar_arrive_expect_tx(full, kOperandBytes);
+      bulk_copy(b_tile, w_packed + (b_block + kt) * kOperandBytes, kOperandBytes, full);
+    }
     const int gv = kt * kVecPerRow + chunk;
     const bool in_k = gv < n_vec;
     const TapEntry e = in_k ? table[gv] : TapEntry{0, 0};
@@ -521,12 +608,6 @@ ST90_UNROLL
                       static_cast<unsigned>(wi) < static_cast<unsigned>(wd);
       const T* src = ok ? x + a_base[i] + e.delta : x;
       cp_async16(a_tile + sw128_offset(row0 + i * kRowStep, chunk), src, ok);
-    }
-ST90_UNROLL
-    for (int i = 0; i < kRows; ++i) {
-      const bool ok = in_k && b_base[i] >= 0;
-      const T* src = ok ? w + b_base[i] + static_cast<long long>(gv) * kVec : w;
-      cp_async16(b_tile + sw128_offset(row0 + i * kRowStep, chunk), src, ok);
     }
   }
 };
@@ -614,10 +695,11 @@ __host__ __device__ __forceinline__ void run_producer(const StConvArgs& p, const
   PipeState ps;
   for (int tile = block; tile < plan.n_tiles; tile += grid) {
     const TileOrigin o = tile_origin(tile, plan.tiles_n);
-    producer.start_tile(p, plan.m_total, o.m0, o.n0);
+    producer.start_tile(p, plan, o.m0, o.n0);
     for (int kt = 0; kt < plan.k_tiles; ++kt) {
       mbar_wait(&empty[ps.stage], ps.phase ^ 1u);  // round 0 passes: the stage starts free
-      producer.load(table, kt, smem + stage_a_offset(ps.stage), smem + stage_b_offset(ps.stage));
+      producer.load(table, kt, smem + stage_a_offset(ps.stage), smem + stage_b_offset(ps.stage),
+                    &full[ps.stage]);
       cp_async_arrive(&full[ps.stage]);
       ps.advance();
     }
@@ -686,7 +768,7 @@ __host__ __device__ __forceinline__ void sm90_block(const StConvArgs& p, const S
   }
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(&full[s], kProducerThreads);
+      mbar_init(&full[s], kProducerThreads + 1);  // + the leader's expect_tx arrival
       mbar_init(&empty[s], kConsumerThreads);
     }
     fence_mbar_init();
@@ -793,7 +875,12 @@ bool has_hopper_body(int device) {
 
 }  // namespace
 
-int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, cudaStream_t stream) {
+long long sm90_packed_weight_bytes(const StConvArgs& args) {
+  return packed_weight_bytes(sm90_plan(args));
+}
+
+int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, void* packed_weight,
+                          cudaStream_t stream) {
   const int shape = sm90_check_shape(args, type);
   if (shape != kSm90Ok) {
     return shape;
@@ -820,11 +907,21 @@ int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, cudaStream_t st
       cudaSuccess) {
     return kSm90LaunchFailed;
   }
+  if (cudaMemsetAsync(packed_weight, 0, static_cast<size_t>(packed_weight_bytes(plan)), stream) !=
+      cudaSuccess) {
+    return kSm90LaunchFailed;
+  }
+  const long long vectors = static_cast<long long>(args.k) * plan.n_vec;
+  sm90_pack_weight_kernel<<<static_cast<int>((vectors + 255) / 256), 256, 0, stream>>>(
+      static_cast<const unsigned char*>(args.weight), static_cast<unsigned char*>(packed_weight),
+      plan, args.k);
+  StConvArgs packed = args;
+  packed.weight = packed_weight;
   const int grid = plan.n_tiles < sms ? plan.n_tiles : sms;
   if (type == ConvType::kFloat16) {
-    st_conv3d_sm90_kernel<__half><<<grid, kThreads, smem, stream>>>(args, plan);
+    st_conv3d_sm90_kernel<__half><<<grid, kThreads, smem, stream>>>(packed, plan);
   } else {
-    st_conv3d_sm90_kernel<__nv_bfloat16><<<grid, kThreads, smem, stream>>>(args, plan);
+    st_conv3d_sm90_kernel<__nv_bfloat16><<<grid, kThreads, smem, stream>>>(packed, plan);
   }
   return kSm90Ok;
 }

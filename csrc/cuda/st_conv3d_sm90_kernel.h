@@ -30,10 +30,16 @@ const char* sm90_tile_name();
 // Whether `args` is within what the kernel takes (see kSm90UnsupportedShape); kSm90Ok if so.
 int sm90_check_shape(const StConvArgs& args, ConvType type);
 
-// Enqueues one persistent launch on `stream` writing out (same contract as launch_st_conv3d:
-// NTHWC input, (K, kt, kh, kw, C) weight, C a multiple of 8, sizes within kMaxIndex), or returns
-// a status saying why it cannot run here without launching anything.
-int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, cudaStream_t stream);
+// Bytes of device scratch launch_st_conv3d_sm90 needs for the repacked weight.
+long long sm90_packed_weight_bytes(const StConvArgs& args);
+
+// Enqueues, on `stream`, the weight repack into `packed_weight` (sm90_packed_weight_bytes(args)
+// bytes of device memory, 16-byte aligned, free until the launch completes) and one persistent
+// launch writing out (same contract as launch_st_conv3d: NTHWC input, (K, kt, kh, kw, C) weight,
+// C a multiple of 8, sizes within kMaxIndex); or returns a status saying why it cannot run here
+// without enqueuing anything.
+int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, void* packed_weight,
+                          cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace vidconv
