@@ -2,14 +2,15 @@
 
 Builds tools/emulate_st_conv_sm90.cu with nvcc (host code; it includes
 csrc/cuda/st_conv3d_sm90_kernel.cu and runs the kernel's own block routine, one host thread per
-device thread, with mbarrier, wgmma, the 128B swizzle and cp.async modelled from the PTX ISA),
+device thread, with mbarrier (arrivals and transaction bytes), wgmma, the 128B swizzle, cp.async
+and cp.async.bulk modelled from the PTX ISA, and the weight repacked by the kernel's own code),
 over the awkward and paper-layer shapes of tools/emulate_st_conv.py, for float16 and bfloat16,
 with a small persistent grid (so blocks run several tiles through one pipeline) and with one
 block per tile, and for every case checks:
 
 - every shared-memory slot of every stage, at every completion of its "full" barrier, holds the
-  implicit-im2col / weight element that the persistent schedule puts there (zero past an edge,
-  in padding, past K or past the reduction), read through the swizzle model;
+  implicit-im2col / (unpacked) weight element that the persistent schedule puts there (zero past
+  an edge, in padding, past K or past the reduction), read through the swizzle model;
 - no synchronisation misuse the model can see: a stage released while its wgmma are in flight,
   a wgmma without wgmma.fence or without fence.proxy.async after the wait, uncommitted wgmma,
   barriers left mid-phase, shared accesses outside the launch's dynamic shared memory; a

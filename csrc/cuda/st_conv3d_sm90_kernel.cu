@@ -21,8 +21,8 @@
 // - A (the implicit im2col rows) is gathered by the producer warpgroup with 16-byte cp.async
 //   (zero-fill for padding, edges and the ragged reduction end), each thread signalling "full"
 //   with cp.async.mbarrier.arrive.noinc, so it never waits for its own copies. Why not TMA for
-//   A: a tile of 128 consecutive output
-//   positions wraps across output rows, frames and clips, and strides go up to 3 (conv1), so
+//   A: a tile of 128 consecutive output positions wraps across output rows, frames and clips,
+//   and strides go up to 3 (conv1), so
 //   neither a tiled box per tap nor the im2col mode's single (w, h) pixel window covers an
 //   M-tile without splitting it into pieces of one output row (often 13 or 27 positions, far
 //   below a 128-row box) -- and encoding tensor maps needs the driver API
@@ -39,10 +39,11 @@
 //
 // The per-thread pieces (tap table, producer address arithmetic and operand selection, the
 // swizzle, the descriptors, pipeline stage/phase bookkeeping, accumulator -> output mapping,
-// the whole block routine) are __host__ __device__: tools/emulate_st_conv_sm90.py runs every
-// thread of a block as a host thread through sm90_block() itself, with the hardware pieces
-// (mbarrier phases, wgmma and its fragment layout, the 128B swizzle, cp.async) modelled from the
-// PTX ISA by tools/emulate_st_conv_sm90.cu behind the VIDCONV_SM90_HOST_MODEL hooks below.
+// the weight repack, the whole block routine) are __host__ __device__:
+// tools/emulate_st_conv_sm90.py runs every thread of a block as a host thread through
+// sm90_block() itself, with the hardware pieces (mbarrier phases and transaction bytes, wgmma and
+// its fragment layout, the 128B swizzle, cp.async, cp.async.bulk) modelled from the PTX ISA by
+// tools/emulate_st_conv_sm90.cu behind the VIDCONV_SM90_HOST_MODEL hooks below.
 //
 // For targets other than sm_90a the kernel body is a trap and the launcher reports kSm90NotBuilt
 // (it checks which binary the runtime would load), so the file compiles for sm_80 too.
