@@ -449,7 +449,7 @@ def _every_candidate(layer, device, dtype, x_format=torch.contiguous_format):
     x, w, _ = _inputs(**layer, device=device, dtype=dtype)
     x = x.contiguous(memory_format=x_format)
     key = conv_planner.make_key("forward", x, w, True, layer["stride"], layer["padding"], True)
-    return [a.name for a in conv_planner._candidates(key, x.device.type, dtype)]
+    return [a.name for a in conv_planner.candidates_for(key, x.device.type, dtype)]
 
 
 @pytest.mark.parametrize("layer", PAPER_LAYERS,
@@ -633,6 +633,20 @@ def test_cuda_graph_capture_after_first_call():
                                compute_device="cuda")
     assert _rel(out2, ref2) < 2e-2
     assert not [d for d in conv_plan() if d["key"]["kernel"] == (2, 3, 3)]
+
+
+def test_autocast_does_not_reach_inside_the_op(monkeypatch):
+    # The float64 check must stay float64 and the output keep x's dtype (what the fake says).
+    _inject(monkeypatch, {"conv3d_cl": 1.0})
+    x, w, b = _inputs(**FRAMES_LAYER)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = st_conv3d(x, w, b, FRAMES_LAYER["stride"], FRAMES_LAYER["padding"])
+    assert out.dtype == torch.float32
+    ref = st_conv3d_reference(x, w, b, FRAMES_LAYER["stride"], FRAMES_LAYER["padding"])
+    assert _rel(out, ref) < 1e-5
+    d = _decision("forward")
+    assert d["chosen"] == "conv3d_cl" and all(d["passed"].values())
+    assert d["tolerance"] < 1e-4  # derived from a float32-vs-float64 drift, not bfloat16's
 
 
 # ---- the Hopper (sm_90a) kernel -----------------------------------------------------------------

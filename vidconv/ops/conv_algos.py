@@ -299,7 +299,9 @@ def fused_tile_configs() -> dict[str, list[str]]:
     """dtype name -> the fused kernel's tile names (index = tile_config); {} without CUDA."""
     from vidconv._extension import _C
 
-    return dict(_C.fused_tile_configs())
+    # An extension built before the fused op had tiles has no list: no fused candidates then.
+    configs = getattr(_C, "fused_tile_configs", None)
+    return dict(configs()) if configs is not None else {}
 
 
 def _fused(index: int, tile: str, dtypes: frozenset[torch.dtype]) -> Algorithm:
@@ -333,7 +335,9 @@ def fused_sm90_tile() -> str | None:
     """The Hopper kernel's block tile name, or None without CUDA kernels."""
     from vidconv._extension import _C
 
-    return _C.fused_sm90_tile()
+    # An extension built before the Hopper kernel has no such query: no candidate then.
+    tile = getattr(_C, "fused_sm90_tile", None)
+    return tile() if tile is not None else None
 
 
 def _built_for_sm90a() -> bool:

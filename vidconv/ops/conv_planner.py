@@ -249,7 +249,8 @@ def _problem(key: ConvKey, device_type: str, dtype: torch.dtype) -> Problem:
                    key.t, key.h, key.w, key.k, key.kernel, key.stride, key.padding)
 
 
-def _candidates(key: ConvKey, device_type: str, dtype: torch.dtype) -> list[Algorithm]:
+def candidates_for(key: ConvKey, device_type: str, dtype: torch.dtype) -> list[Algorithm]:
+    """The algorithms that apply to `key` (the reference first)."""
     problem = _problem(key, device_type, dtype)
     return [a for a in conv_algos.ALGORITHMS.values()
             if a.runs(key.direction) is not None and a.applies(problem)]
@@ -431,7 +432,8 @@ def time_candidate(name: str, run: Callable[[], Any], device: torch.device,
     return times
 
 
-def _call(algo: Algorithm, direction: str, args: tuple, out_format) -> torch.Tensor:
+def run_algorithm(algo: Algorithm, direction: str, args: tuple, out_format) -> torch.Tensor:
+    """One call of `algo` in `direction` with st_conv3d's arguments (see :func:`choose`)."""
     fn = algo.runs(direction)
     if direction == "forward":
         return fn(*args, out_format)
@@ -466,7 +468,7 @@ def _tune(key: ConvKey, args: tuple, device: torch.device, dtype: torch.dtype,
         kept: list[torch.Tensor] = []
 
         def run(a=algo, keep=kept) -> None:
-            out = _call(a, key.direction, args, out_format)
+            out = run_algorithm(a, key.direction, args, out_format)
             if not keep:
                 keep.append(out)
 
@@ -604,7 +606,7 @@ def choose(direction: str, args: tuple, x: torch.Tensor, weight: torch.Tensor, h
     # A decision is reused while the knob still says what it said when it was made.
     if decision is not None and decision.forced_by == (None if mode == "auto" else mode):
         return conv_algos.ALGORITHMS[decision.chosen]
-    candidates = _candidates(key, x.device.type, x.dtype)
+    candidates = candidates_for(key, x.device.type, x.dtype)
     if mode not in ("auto", "fused"):
         algo = next((a for a in candidates if a.name == mode), None)
         if algo is None:
@@ -654,6 +656,12 @@ def conv_plan() -> list[dict[str, Any]]:
     not), the tolerance, the tuning time and whether the decision came from the cache file."""
     with _lock:
         return [d.report() for d in _plan.values()]
+
+
+def decision_for(key: ConvKey) -> Decision | None:
+    """The decision made for `key` in this process, if any."""
+    with _lock:
+        return _plan.get(key)
 
 
 def clear_conv_plan(*, cache_file: bool = False) -> None:

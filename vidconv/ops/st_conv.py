@@ -7,6 +7,7 @@ the first call, then remembered) and runs it. Fake kernels and autograd are here
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -151,9 +152,9 @@ def _check_dims(op: str, **tensors: torch.Tensor) -> None:
 def _expect_layout(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor | None,
                    fmt: torch.memory_format | None):
     """expect(out) for conv_planner: None when `out` is what the op must return, else why not."""
-    strides = None if like is None else torch.empty_like(like).stride()
-
     def expect(out: torch.Tensor) -> str | None:
+        # Only called while tuning: the per-call cost of building it stays a closure.
+        strides = None if like is None else torch.empty_like(like).stride()
         if not isinstance(out, torch.Tensor):
             return f"returned {type(out).__name__}, not a tensor"
         if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
@@ -167,7 +168,27 @@ def _expect_layout(shape: tuple[int, ...], dtype: torch.dtype, like: torch.Tenso
     return expect
 
 
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast off inside the kernels: the op computes in x's dtype (what its fake kernel says;
+    vidconv.nn casts before calling it, as autocast does for conv3d), and the planner's float64
+    check must stay float64."""
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _st_conv3d_kernel(x, weight, bias, stride, padding, relu):
+    with _no_autocast(x.device.type):
+        return _st_conv3d_impl(x, weight, bias, stride, padding, relu)
+
+
+def _st_conv3d_backward_kernel(grad_out, x, weight, out, stride, padding, relu, output_mask):
+    with _no_autocast(x.device.type):
+        return _st_conv3d_backward_impl(grad_out, x, weight, out, stride, padding, relu,
+                                        output_mask)
+
+
+def _st_conv3d_impl(x, weight, bias, stride, padding, relu):
     _check_dims("st_conv3d", x=x, weight=weight)
     fmt = _output_format(x)
     shape = _output_shape(x, weight, stride, padding)
@@ -183,7 +204,7 @@ def _st_conv3d_kernel(x, weight, bias, stride, padding, relu):
     return algo.forward(x, weight, bias, stride, padding, relu, fmt)
 
 
-def _st_conv3d_backward_kernel(grad_out, x, weight, out, stride, padding, relu, output_mask):
+def _st_conv3d_backward_impl(grad_out, x, weight, out, stride, padding, relu, output_mask):
     _check_dims("st_conv3d_backward", grad_out=grad_out, x=x, weight=weight, out=out)
     # d relu(y)/dy is 1 where the output is positive: the saved output carries the mask.
     grad = torch.where(out > 0, grad_out, 0) if relu else grad_out
