@@ -7,6 +7,7 @@
 #include <cuda.h>
 
 #include "cuda/st_conv3d_kernel.h"
+#include "cuda/st_conv3d_sm90_kernel.h"
 #endif
 
 #ifndef VIDCONV_ARCHS
@@ -40,6 +41,12 @@ TORCH_LIBRARY(vidconv, m) {
   m.def(
       "st_conv3d_fused(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
       "bool relu, int tile_config) -> Tensor");
+  // The Hopper implicit-GEMM forward (wgmma; CUDA only, float16/bfloat16, a compute capability
+  // 9.0 device and an extension built for 9.0a), same layouts as st_conv3d_fused, one block tile
+  // (vidconv._C.fused_sm90_tile()). One of st_conv3d's candidates.
+  m.def(
+      "st_conv3d_fused_sm90(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+      "bool relu) -> Tensor");
 }
 
 namespace {
@@ -70,6 +77,15 @@ pybind11::dict fused_tile_configs() {
   return out;
 }
 
+// The Hopper kernel's tile name, or None for a CPU-only build.
+pybind11::object fused_sm90_tile() {
+#ifdef VIDCONV_WITH_CUDA
+  return pybind11::str(vidconv::cuda::sm90_tile_name());
+#else
+  return pybind11::none();
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -79,4 +95,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cuda_archs") = VIDCONV_ARCHS;
   m.def("fused_tile_configs", &fused_tile_configs,
         "dtype name -> tile names of st_conv3d_fused (index = tile_config); {} without CUDA");
+  m.def("fused_sm90_tile", &fused_sm90_tile,
+        "block tile of st_conv3d_fused_sm90 (e.g. '128x128x64'), or None without CUDA");
 }

@@ -647,3 +647,124 @@ def test_autocast_does_not_reach_inside_the_op(monkeypatch):
     d = _decision("forward")
     assert d["chosen"] == "conv3d_cl" and all(d["passed"].values())
     assert d["tolerance"] < 1e-4  # derived from a float32-vs-float64 drift, not bfloat16's
+
+
+# ---- the Hopper (sm_90a) kernel -----------------------------------------------------------------
+
+
+def _problem(dtype=torch.bfloat16, device_type="cuda", c=96, kernel=(2, 5, 5)):
+    return conv_algos.Problem(device_type, dtype, "channels_last_3d", "contiguous", 2, c, 4, 27,
+                              27, 256, kernel, (2, 1, 1), (0, 2, 2))
+
+
+def _pretend_hopper_build(monkeypatch, archs=("8.0", "9.0a"), tile="128x128x64",
+                          capability=(9, 0)):
+    import vidconv._extension as ext
+
+    monkeypatch.setattr(conv_algos, "fused_sm90_tile", lambda: tile)
+    monkeypatch.setattr(ext, "build_info", lambda: ext.BuildInfo("13.0", archs, "13.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+def test_sm90_kernel_is_a_candidate_only_on_hopper_builds_and_devices(monkeypatch):
+    _pretend_hopper_build(monkeypatch)
+    (algo,) = conv_algos._fused_sm90_algorithms()
+    assert algo.name == "fused_sm90_128x128x64" and algo.forward is not None
+    assert algo.input_grad is None and algo.weight_grad is None  # forward only
+    assert algo.applies(_problem(torch.bfloat16)) and algo.applies(_problem(torch.float16))
+    assert not algo.applies(_problem(torch.float32))
+    assert not algo.applies(_problem(device_type="cpu"))
+    assert not algo.applies(_problem(kernel=(1, 256, 1)))  # the tap table packs extents < 256
+    assert not algo.applies(_problem(c=8 * 12537, kernel=(1, 1, 1)))  # tap table too large
+    assert algo.applies(_problem(c=8 * 12536, kernel=(1, 1, 1)))
+    for capability in [(8, 0), (8, 9), (10, 0)]:
+        _pretend_hopper_build(monkeypatch, capability=capability)
+        assert not conv_algos._fused_sm90_algorithms()[0].applies(_problem())
+    # No sm_90a code in the extension, or no CUDA kernels at all: no candidate.
+    _pretend_hopper_build(monkeypatch, archs=("8.0", "9.0"))
+    assert conv_algos._fused_sm90_algorithms() == []
+    _pretend_hopper_build(monkeypatch, archs=("8.0 9.0a+PTX",))
+    assert len(conv_algos._fused_sm90_algorithms()) == 1
+    _pretend_hopper_build(monkeypatch, tile=None)
+    assert conv_algos._fused_sm90_algorithms() == []
+
+
+def test_sm90_kernel_absent_from_a_cpu_build():
+    if vidconv.build_info().has_cuda_kernels:
+        pytest.skip("this build has CUDA kernels")
+    assert conv_algos.fused_sm90_tile() is None
+    assert not any(name.startswith("fused_sm90") for name in conv_algos.ALGORITHMS)
+
+
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+_SM90_NAME = f"fused_sm90_{conv_algos.fused_sm90_tile()}"
+_sm90_only = pytest.mark.skipif(not _is_hopper() or _SM90_NAME not in conv_algos.ALGORITHMS,
+                                reason="needs an H100/H200 and an extension built for 9.0a")
+
+
+def _check_sm90(layer, dtype, seed=0):
+    x, w, b = _inputs(**layer, device="cuda", dtype=dtype, seed=seed)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    for bias, relu in ((b, True), (None, False)):
+        out = torch.ops.vidconv.st_conv3d_fused_sm90(x, w, bias, list(layer["stride"]),
+                                                     list(layer["padding"]), relu)
+        ref = F.conv3d(x.double(), w.double(), None if bias is None else bias.double(),
+                       layer["stride"], layer["padding"])
+        ref = ref.clamp_min(0) if relu else ref
+        assert out.is_contiguous(memory_format=torch.channels_last_3d)
+        assert out.dtype == dtype and out.shape == ref.shape
+        # PyTorch's own low-precision result sets the bar (its drift from float64, doubled).
+        mine = _rel(out, ref)
+        own = F.conv3d(x, w, bias, layer["stride"], layer["padding"])
+        own = own.relu() if relu else own
+        assert mine < max(2 * _rel(own, ref), TOL[dtype]), (layer, dtype, mine)
+
+
+@pytest.mark.cuda
+@_sm90_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", PAPER_LAYERS,
+                         ids=[f"{la['ksize']}-{la['thw']}-{la['c']}" for la in PAPER_LAYERS])
+def test_cuda_sm90_kernel_matches_reference_on_paper_layers(layer, dtype):
+    _check_sm90(layer, dtype)
+
+
+@pytest.mark.cuda
+@_sm90_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", AWKWARD + [
+    # a 128-filter edge, one full 64-wide reduction tile, a 129-position M
+    dict(n=1, c=64, k=129, ksize=(1, 1, 1), stride=(1, 1, 1), padding=(0, 0, 0), thw=(1, 4, 32)),
+    dict(n=1, c=8, k=40, ksize=(1, 3, 3), stride=(1, 1, 1), padding=(0, 1, 1), thw=(1, 3, 43)),
+    # full-width slow-fusion conv2 at batch 4: many persistent tiles per SM
+    dict(n=4, c=96, k=256, ksize=(2, 5, 5), stride=(2, 1, 1), padding=(0, 2, 2),
+         thw=(4, 27, 27)),
+], ids=lambda la: f"{la['ksize']}-{la['stride']}-{la['thw']}-{la['c']}-{la['k']}")
+def test_cuda_sm90_kernel_matches_reference_on_awkward_shapes(layer, dtype):
+    _check_sm90(layer, dtype, seed=3)
+
+
+@pytest.mark.cuda
+@_sm90_only
+def test_cuda_sm90_kernel_is_a_candidate_and_can_be_forced(monkeypatch):
+    names = _every_candidate(STACKED_LAYER, "cuda", torch.bfloat16, torch.channels_last_3d)
+    assert _SM90_NAME in names
+    monkeypatch.setenv("VIDCONV_CONV_ALGO", _SM90_NAME)
+    out, ref, got, want = _run(STACKED_LAYER, device="cuda", dtype=torch.bfloat16,
+                               x_format=torch.channels_last_3d)
+    _assert_matches(out, ref, got, want, torch.bfloat16)
+    assert _decision("forward")["chosen"] == _SM90_NAME
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(_is_hopper(), reason="checks the error off Hopper")
+def test_cuda_sm90_kernel_off_hopper_is_a_clear_error():
+    x, w, b = _inputs(**STACKED_LAYER, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="st_conv3d_fused_sm90: the (Hopper kernel needs a "
+                                           "device of compute capability 9.0|extension was not)"):
+        torch.ops.vidconv.st_conv3d_fused_sm90(x, w, b, list(STACKED_LAYER["stride"]),
+                                               list(STACKED_LAYER["padding"]), True)

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Compile every CUDA kernel file (csrc/cuda/*_kernel.cu: CUDA runtime only, no torch) with plain
 # nvcc for sm_80 and sm_90a, warnings as errors, and fail on any register spill in ptxas' report.
+# Kernel files that issue wgmma must also show HGMMA in their sm_90a SASS (cuobjdump, from the
+# nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm wheels or a CUDA toolkit; skipped with a message
+# when absent), so a guard that compiled the Hopper path away cannot pass.
 # Usage: tools/check_cuda.sh [report-dir]   (ptxas reports are kept there when given)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +12,17 @@ out=${1:-$(mktemp -d)}
 mkdir -p "$out"
 archs=(-gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90a,code=sm_90a)
 status=0
+# cuobjdump needs nvdisasm beside it or on PATH; the pip wheels put both in nvidia/cu*/bin.
+cuobjdump_bin=$(command -v cuobjdump || true)
+if [ -z "$cuobjdump_bin" ]; then
+  cuobjdump_bin=$(python3 - <<'PY' 2>/dev/null || true
+import glob, os, site
+dirs = site.getsitepackages() + [site.getusersitepackages()]
+hits = [p for d in dirs for p in glob.glob(os.path.join(d, "nvidia", "cu*", "bin", "cuobjdump"))]
+print(hits[0] if hits else "")
+PY
+)
+fi
 shopt -s nullglob
 files=(csrc/cuda/*_kernel.cu)
 [ ${#files[@]} -gt 0 ] || { echo "check_cuda: no csrc/cuda/*_kernel.cu files" >&2; exit 1; }
@@ -33,6 +47,20 @@ for f in "${files[@]}"; do
         name=$(echo "$fn" | c++filt | sed -E -e "s/^void //" -e 's/vidconv::cuda::(\(anonymous namespace\)::)?//g' -e "s/\\([^()]*\\)$//")
         printf "  %-8s %-70.70s %s\n" "$arch" "$name" "${regs//ptxas info    : /}"
       done
+  if grep -q "wgmma.mma_async" "$f"; then
+    if [ -z "$cuobjdump_bin" ]; then
+      echo "check_cuda: cuobjdump not found, skipping the HGMMA check of $f" \
+           '(pip install ".[kernel-check]")' >&2
+    else
+      hgmma=$(PATH="$(dirname "$cuobjdump_bin"):$PATH" "$cuobjdump_bin" -sass -arch sm_90a \
+              "$out/$name.o" | grep -c "HGMMA" || true)
+      if [ "${hgmma:-0}" -eq 0 ]; then
+        echo "check_cuda: no HGMMA in the sm_90a SASS of $f" >&2; status=1
+      else
+        echo "  sm_90a   $hgmma HGMMA instructions in the SASS"
+      fi
+    fi
+  fi
   echo "ok  $f"
 done
 exit $status

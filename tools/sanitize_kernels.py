@@ -26,6 +26,7 @@ import torch
 from vidconv import reference
 from vidconv.ops import crop_normalize, fovea_context, st_conv3d, use_conv_algo
 from vidconv.ops.conv_algos import fused_tile_configs
+from vidconv.ops.conv_planner import algorithm_names
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 
@@ -87,7 +88,11 @@ def _algos(device: str, dtype: torch.dtype) -> list[str]:
         return ["auto"]
     tiles = fused_tile_configs().get(str(dtype).removeprefix("torch."), [])
     assert tiles, f"the extension reports no fused tiles for {dtype}"
-    return [f"fused_{t}" for t in tiles]
+    # the Hopper kernel where this device and build have it (forcing it elsewhere would only
+    # run the reference)
+    hopper = [name for name in algorithm_names() if name.startswith("fused_sm90")
+              and dtype != torch.float32 and torch.cuda.get_device_capability() == (9, 0)]
+    return [f"fused_{t}" for t in tiles] + hopper
 
 
 def check_st_conv3d(device: str) -> None:

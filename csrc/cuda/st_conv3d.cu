@@ -1,7 +1,8 @@
 // ATen glue of st_conv3d_fused on CUDA: checks, device guard, current stream, the one-time
 // conversion of x to NTHWC (channels_last_3d) and the weight repack to (K, kt, kh, kw, C), one
 // launch of the runtime-only implicit-GEMM kernel in st_conv3d_kernel.cu with the requested tile
-// configuration, launch check.
+// configuration, launch check; and the same for st_conv3d_fused_sm90, the Hopper (wgmma) kernel
+// in st_conv3d_sm90_kernel.cu.
 //
 // This is one candidate of vidconv::st_conv3d, whose CPU and CUDA kernels are registered from
 // Python (vidconv/ops/st_conv.py): they time this kernel's tiles beside cuDNN's algorithms per
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "cuda/st_conv3d_kernel.h"
+#include "cuda/st_conv3d_sm90_kernel.h"
 
 namespace vidconv {
 namespace {
@@ -86,22 +88,19 @@ at::Tensor weight_repacked(const at::Tensor& weight, int64_t cp) {
   return padded;
 }
 
-at::Tensor st_conv3d_fused_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
-                                at::IntArrayRef padding, bool relu, int64_t tile_config) {
-  check_inputs(x, weight, bias, stride, padding);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "st_conv3d_fused: x must be float32, float16 or bfloat16 (float64 has no fused "
-              "kernel), got ", dtype);
-  const cuda::ConvType type = dtype == at::kFloat ? cuda::ConvType::kFloat32
-                              : dtype == at::kHalf ? cuda::ConvType::kFloat16
-                                                   : cuda::ConvType::kBFloat16;
-  TORCH_CHECK(tile_config >= 0 && tile_config < cuda::tile_config_count(type),
-              "st_conv3d_fused: tile_config must be in [0, ", cuda::tile_config_count(type),
-              ") for ", dtype, ", got ", tile_config);
+cuda::ConvType conv_type(at::ScalarType dtype) {
+  return dtype == at::kFloat ? cuda::ConvType::kFloat32
+         : dtype == at::kHalf ? cuda::ConvType::kFloat16
+                              : cuda::ConvType::kBFloat16;
+}
 
+// What both hand-written kernels share: output allocation, the empty-reduction case, the size
+// limits, x to NTHWC and the weight repack (C padded to the kernel's vector width), the float32
+// bias, then launch(args, type, stream) on the current stream and the launch check.
+template <class Launch>
+at::Tensor run_fused(const at::Tensor& x, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                     at::IntArrayRef padding, bool relu, cuda::ConvType type, Launch&& launch) {
   const int64_t n = x.size(0), c = x.size(1), t = x.size(2), h = x.size(3), w = x.size(4);
   const int64_t k = weight.size(0), kt = weight.size(2), kh = weight.size(3), kw = weight.size(4);
   const int64_t to = out_size(t, kt, stride[0], padding[0]);
@@ -159,16 +158,59 @@ at::Tensor st_conv3d_fused_cuda(const at::Tensor& x, const at::Tensor& weight,
   args.ho = static_cast<int>(ho);
   args.wo = static_cast<int>(wo);
   args.relu = relu;
-  cuda::launch_st_conv3d(args, type, static_cast<int>(tile_config),
-                         at::cuda::getCurrentCUDAStream(x.get_device()).stream());
+  launch(args, type, at::cuda::getCurrentCUDAStream(x.get_device()).stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
+}
+
+
+at::Tensor st_conv3d_fused_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, bool relu, int64_t tile_config) {
+  check_inputs(x, weight, bias, stride, padding);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "st_conv3d_fused: x must be float32, float16 or bfloat16 (float64 has no fused "
+              "kernel), got ", dtype);
+  const cuda::ConvType type = conv_type(dtype);
+  TORCH_CHECK(tile_config >= 0 && tile_config < cuda::tile_config_count(type),
+              "st_conv3d_fused: tile_config must be in [0, ", cuda::tile_config_count(type),
+              ") for ", dtype, ", got ", tile_config);
+  return run_fused(x, weight, bias, stride, padding, relu, type,
+                   [&](const cuda::StConvArgs& args, cuda::ConvType t, cudaStream_t stream) {
+                     cuda::launch_st_conv3d(args, t, static_cast<int>(tile_config), stream);
+                   });
+}
+
+// The Hopper kernel (st_conv3d_sm90_kernel.cu): its launcher answers why it cannot run (not
+// built for sm_90a, not a 9.0 device, shape) before launching anything; that becomes the error.
+at::Tensor st_conv3d_fused_sm90_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                     const std::optional<at::Tensor>& bias,
+                                     at::IntArrayRef stride, at::IntArrayRef padding, bool relu) {
+  check_inputs(x, weight, bias, stride, padding);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
+              "st_conv3d_fused_sm90: x must be float16 or bfloat16, got ", dtype);
+  return run_fused(x, weight, bias, stride, padding, relu, conv_type(dtype),
+                   [&](const cuda::StConvArgs& args, cuda::ConvType t, cudaStream_t stream) {
+                     // Stream-ordered: the allocator reuses it only after the launch.
+                     const at::Tensor packed = at::empty(
+                         {cuda::sm90_packed_weight_bytes(args)}, x.options().dtype(at::kByte));
+                     const int status =
+                         cuda::launch_st_conv3d_sm90(args, t, packed.data_ptr(), stream);
+                     TORCH_CHECK(status == cuda::kSm90Ok, "st_conv3d_fused_sm90: ",
+                                 cuda::sm90_status_message(status), " (x ", x.sizes(),
+                                 ", weight ", weight.sizes(), ", device ", x.device(), ")");
+                   });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vidconv, CUDA, m) {
   m.impl("st_conv3d_fused", &st_conv3d_fused_cuda);
+  m.impl("st_conv3d_fused_sm90", &st_conv3d_fused_sm90_cuda);
 }
 
 }  // namespace vidconv

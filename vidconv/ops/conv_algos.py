@@ -23,6 +23,9 @@ channels-last can pay off, so those candidates stay.
   (``C * kt``) and the weight ``(K, C, kt, kh, kw)`` read as ``(K, C * kt, kh, kw)``.
 - ``fused_<tile>`` (CUDA, float32/float16/bfloat16, forward): the hand-written implicit-GEMM
   kernel, ``torch.ops.vidconv.st_conv3d_fused``, one candidate per compiled block tile.
+- ``fused_sm90_<tile>`` (CUDA, float16/bfloat16, forward): the Hopper wgmma kernel,
+  ``torch.ops.vidconv.st_conv3d_fused_sm90``, offered only on a compute capability 9.0 device
+  with an extension built for ``9.0a`` and within the kernel's shape limits.
 
 All are exact reformulations: they differ from the reference only in summation order. Forward
 functions return the op's documented output layout (``out_format``), gradient functions the
@@ -321,6 +324,54 @@ def _fused_algorithms() -> list[Algorithm]:
     return [_fused(index, tile, frozenset(dtypes)) for (index, tile), dtypes in by_tile.items()]
 
 
+_SM90_DTYPES = frozenset({torch.float16, torch.bfloat16})
+# The Hopper kernel's limits (csrc/cuda/st_conv3d_sm90_kernel.cu, sm90_check_shape): kernel
+# extents below 256, at most this many 8-channel vectors in the reduction (its tap table).
+_SM90_MAX_EXTENT = 255
+_SM90_MAX_VECTORS = 12536
+
+
+def fused_sm90_tile() -> str | None:
+    """The Hopper kernel's block tile name, or None without CUDA kernels."""
+    from vidconv._extension import _C
+
+    # An extension built before the Hopper kernel has no such query: no candidate then.
+    tile = getattr(_C, "fused_sm90_tile", None)
+    return tile() if tile is not None else None
+
+
+def _built_for_sm90a() -> bool:
+    from vidconv._extension import build_info
+
+    archs = {a.strip().removesuffix("+PTX").lower() for a in " ".join(build_info().archs)
+             .replace(";", " ").replace(",", " ").split()}
+    return bool(archs & {"9.0a", "90a", "sm_90a"})
+
+
+def _sm90_applies(p: Problem) -> bool:
+    if p.device_type != "cuda" or p.dtype not in _SM90_DTYPES:
+        return False
+    if max(p.kernel) > _SM90_MAX_EXTENT:
+        return False
+    if p.kernel[0] * p.kernel[1] * p.kernel[2] * -(-p.c // 8) > _SM90_MAX_VECTORS:
+        return False
+    # The sm_90a binary runs on compute capability 9.0 exactly (H100/H200), not on 8.x or 10.x.
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _fused_sm90_algorithms() -> list[Algorithm]:
+    tile = fused_sm90_tile()
+    if tile is None or not _built_for_sm90a():
+        return []
+
+    def forward(x, weight, bias, stride, padding, relu, out_format):
+        out = torch.ops.vidconv.st_conv3d_fused_sm90(x, weight, bias, list(stride),
+                                                     list(padding), relu)
+        return out.contiguous(memory_format=out_format)
+
+    return [Algorithm(f"fused_sm90_{tile}", _sm90_applies, forward)]
+
+
 def _always(_: Problem) -> bool:
     return True
 
@@ -331,7 +382,7 @@ def build_algorithms() -> dict[str, Algorithm]:
              _conv3d_in(torch.contiguous_format), _conv3d_in(_CL3),
              _frames_in(torch.contiguous_format), _frames_in(_CL2),
              _stacked_in(torch.contiguous_format), _stacked_in(_CL2),
-             *_fused_algorithms()]
+             *_fused_algorithms(), *_fused_sm90_algorithms()]
     return {a.name: a for a in algos}
 
 

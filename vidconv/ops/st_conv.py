@@ -127,6 +127,12 @@ def _st_conv3d_fused_fake(x, weight, bias, stride, padding, relu, tile_config):
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last_3d)
 
 
+@torch.library.register_fake("vidconv::st_conv3d_fused_sm90")
+def _st_conv3d_fused_sm90_fake(x, weight, bias, stride, padding, relu):
+    shape = _output_shape(x, weight, stride, padding)
+    return x.new_empty(shape).contiguous(memory_format=torch.channels_last_3d)
+
+
 @torch.library.register_fake("vidconv::st_conv3d_backward")
 def _st_conv3d_backward_fake(grad_out, x, weight, out, stride, padding, relu, output_mask):
     gx = torch.empty_like(x) if output_mask[0] else x.new_empty((0,))
