@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     device_name,
-    matmul_tflops,
+    measured_ceiling,
     print_table,
     progress,
     resolve_device,
@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if quick and not args.models:
         # The reduced run: the multires shapes cover every layer type at a quarter the cost.
         shapes = {s: u for s, u in shapes.items() if any(x.startswith("multires") for x in u)}
-    ceiling = matmul_tflops(device, dtype)
+    measured = measured_ceiling(device, dtype)
+    ceiling = measured["tflops"]
 
     rows, records = [], []
     for layer, uses in progress(list(shapes.items()), desc="layers"):
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 "chosen": chosen,
                 "ms": chosen_ms,
                 "TFLOP/s": tflops,
-                "% mm": 100 * tflops / ceiling,
+                "% ceiling": 100 * tflops / ceiling,
                 "best ATen": best_aten,
                 "x ATen": aten_only[best_aten] / chosen_ms,
                 "x plain": ms[conv_algos.REFERENCE] / chosen_ms,
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                               "x_best_aten_min": min(xs, default=float("nan")),
                               "x_plain_geomean": geomean(xp)}
     payload = {"batch": batch, "dtype": str(dtype), "width": args.width,
-               "layout": "channels_last_3d", "matmul_tflops": ceiling, "summary": summary,
+               "layout": "channels_last_3d", "ceiling_tflops": ceiling, "ceiling": measured,
+               "summary": summary,
                "plan": conv_plan(), "layers": records}
     path = write_json("conv", payload, path=args.json, device=device)
     print(f"JSON: {path}", file=sys.stderr)
@@ -279,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, title=(f"st_conv3d candidates per paper layer on {label}, batch {batch}, "
                              f"{dtype}, width {args.width:g}, channels_last_3d input; chosen = "
                              f"the planner's choice; x ATen = best ATen candidate / chosen, "
-                             f"x plain = F.conv3d / chosen (> 1: chosen faster); % mm of "
-                             f"measured matmul {ceiling:.3g} TFLOP/s | {sums}"))
+                             f"x plain = F.conv3d / chosen (> 1: chosen faster); % ceiling of "
+                             f"{measured['label']} | {sums}"))
     return 0
 
 
