@@ -135,6 +135,19 @@ def test_reference_kept_unless_beaten_beyond_the_noise(monkeypatch, speedup, cho
         assert d["chosen"] == chosen, (direction, d["times_ms"])
 
 
+def test_all_zero_reference_proves_nothing_so_the_reference_stays(monkeypatch, tmp_path):
+    # Every ReLU dead on the first call: any candidate that also returns zeros would "agree".
+    monkeypatch.setenv("VIDCONV_CACHE_DIR", str(tmp_path))
+    _inject(monkeypatch, {"aten": 10.0, "conv3d_cl": 1.0})
+    x = torch.rand(2, 5, 3, 7, 8)
+    w = -torch.rand(7, 5, 1, 3, 3)
+    out = st_conv3d(x, w, None, 1, 0)
+    assert not out.any()
+    (d,) = conv_plan()
+    assert d["chosen"] == "aten" and d["how"] == "unchecked"
+    assert not (tmp_path / "conv_plan.json").exists()  # decided again in the next process
+
+
 def test_candidates_follow_the_layer_shape():
     def names(**kw):
         p = conv_algos.Problem("cpu", torch.float32, "contiguous", "contiguous", 1, 3, 10, 9, 9,
@@ -547,8 +560,16 @@ x = torch.randn(2, 5, 3, 7, 8, requires_grad=True)
 w = torch.randn(7, 5, 1, 3, 3, requires_grad=True)
 out = st_conv3d(x, w, None, (1, 1, 2), (0, 1, 1))
 out.sum().backward()
+# A partial last batch on rank 1 only: a new key there, a known one on rank 0. No collective may
+# start on one rank alone (it would hang, or pair with DDP's own all-reduce).
+x2 = torch.randn(2 if rank == 0 else 1, 5, 3, 7, 8, requires_grad=True)
+st_conv3d(x2, w, None, (1, 1, 2), (0, 1, 1)).sum().backward()
+total = torch.ones(1)
+dist.all_reduce(total)
+assert total.item() == 2
 dist.barrier()
-print(json.dumps([[d["key"]["direction"], d["chosen"], d["how"]] for d in conv_plan()]))
+print(json.dumps([[d["key"]["direction"], d["chosen"], d["how"], d["key"]["n"]]
+                  for d in conv_plan()]))
 dist.destroy_process_group()
 """
 
@@ -571,13 +592,14 @@ def test_ddp_ranks_use_rank0_choice(tmp_path):
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     results = []
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
     rank0, rank1 = results
-    assert [c for _, c, _ in rank0] == ["conv2d_frames_cl"] * 3
-    assert [c for _, c, _ in rank1] == ["conv2d_frames_cl"] * 3  # not its own conv3d_cl
-    assert {h for _, _, h in rank0} == {"tuned"} and {h for _, _, h in rank1} == {"rank0"}
+    assert [c for _, c, _, n in rank0] == ["conv2d_frames_cl"] * 3  # batch 2 twice: one key each
+    assert [c for _, c, _, n in rank1] == ["conv2d_frames_cl"] * 6  # not its own conv3d_cl
+    assert sorted(n for *_, n in rank1) == [1, 1, 1, 2, 2, 2]
+    assert {h for _, _, h, _ in rank0} == {"tuned"} and {h for _, _, h, _ in rank1} == {"rank0"}
     assert (tmp_path / "cache0" / "conv_plan.json").exists()
     assert not (tmp_path / "cache1" / "conv_plan.json").exists()  # only rank 0 writes
 

@@ -104,6 +104,36 @@ def test_decoder_crash_is_a_decode_error_and_the_next_file_decodes(tmp_path: Pat
     dec.close()
 
 
+def test_failure_mid_exchange_never_hands_the_next_file_stale_frames(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    # An error between the worker's header and its frame bytes (here: the frame buffer cannot be
+    # allocated) must not leave bytes in the pipe for the next file to read as its own.
+    import torch
+
+    from vidconv.data import dali as dali_module
+    from vidconv.data.dali import DaliDecoder
+
+    short = write_video(tmp_path / "short.avi", "mjpeg", frames=4)
+    long = write_video(tmp_path / "long.avi", "mjpeg", frames=FRAMES)
+    dec = DaliDecoder("cpu")
+    real_empty = torch.empty
+    calls = {"n": 0}
+
+    def failing_empty(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError("simulated")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(dali_module.torch, "empty", failing_empty)
+    with pytest.raises(MemoryError):
+        dec.decode(short)
+    monkeypatch.setattr(dali_module.torch, "empty", real_empty)
+    assert dec.decode(long).shape == (FRAMES, HEIGHT, WIDTH, 3)  # its own frames, not short's
+    assert dec.decode(short).shape == (4, HEIGHT, WIDTH, 3)
+    dec.close()
+
+
 def test_decoder_hang_is_stopped_after_the_timeout(tmp_path: Path) -> None:
     from vidconv.data.dali import DaliDecoder
     from vidconv.data.decode import DecodeError

@@ -249,12 +249,20 @@ class DaliDecoder:
             frames = torch.empty(tuple(value), dtype=torch.uint8)
             # Straight from the pipe into the tensor: one copy.
             worker.answers.recv_bytes_into(memoryview(frames.numpy()).cast("B"))
+        except DecodeError:
+            raise
         except (EOFError, OSError, BrokenPipeError) as exc:
             worker.close()
             self._worker = None
             how = _signal_name(worker.proc.returncode)
             raise DecodeError(path, f"DALI's decoder process died decoding it ({how})"
                               ) from exc
+        except BaseException:
+            # Anything else mid-exchange (an allocation failure, Ctrl-C) leaves unread bytes in
+            # the pipe, and the next file would get this one's answer: start a fresh worker.
+            worker.close()
+            self._worker = None
+            raise
         return frames
 
     def _to_torch(self, out) -> torch.Tensor:

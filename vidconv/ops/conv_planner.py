@@ -29,10 +29,12 @@ Knobs:
   it applies, the reference elsewhere. An unknown name is a ValueError listing the names.
 - ``VIDCONV_TUNE=0``: no timing; a fixed choice (the reference) for every key not in the cache.
 
-Under ``torch.distributed`` every rank uses rank 0's choice (broadcast), since algorithms round
-differently and replicas must stay identical; ranks must therefore meet the same layers in the
-same order (as data-parallel training does). A first call during CUDA-graph capture (where
-nothing may synchronise) runs the fixed choice and decides nothing; the next eager call tunes.
+Under ``torch.distributed`` every rank uses rank 0's choice, broadcast once per layer (the key
+without the batch size), since algorithms round differently; ranks therefore meet each layer for
+the first time together (as data-parallel training does), and a later batch of another size (a
+partial last batch on one rank) reuses the agreement without a collective. A first call during
+CUDA-graph capture (where nothing may synchronise) runs the fixed choice and decides nothing;
+the next eager call tunes.
 
 :func:`conv_plan` lists the decisions, :func:`clear_conv_plan` forgets them (memory only, or the
 file too).
@@ -50,7 +52,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +128,8 @@ class Decision:
 
     key: ConvKey
     chosen: str
-    how: str  # "tuned", "heuristic", "forced", "rank0"
+    how: str  # "tuned", "unchecked" (all-zero reference: kept, not cached), "heuristic",
+    # "forced", "rank0"
     times_ms: dict[str, float | None] = field(default_factory=dict)
     passed: dict[str, bool] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
@@ -464,6 +467,8 @@ def _tune(key: ConvKey, args: tuple, device: torch.device, dtype: torch.dtype,
         decision.passed[name] = False
         decision.errors[name] = why
         decision.times_ms[name] = None
+        if decision.how == "unchecked":  # not the candidate's fault: no warning
+            return
         _warn_once(f"reject:{key.text()}:{name}",
                    f"vidconv st_conv3d: candidate {name!r} {why} on {key.describe()}; it is not "
                    "used for this layer")
@@ -497,6 +502,12 @@ def _tune(key: ConvKey, args: tuple, device: torch.device, dtype: torch.dtype,
             reference = out
             tol = tolerance(key, dtype, _drift(key, args))
             decision.tolerance = tol
+            if reference.numel() and not reference.any():
+                # Nothing to check against (every ReLU dead, a zero gradient): keep the reference
+                # for this process and decide again, on other data, in the next one.
+                decision.how = "unchecked"
+        elif problem is None and decision.how == "unchecked":
+            problem = "not checked: the reference output of this call is all zero"
         elif problem is None:
             err = _rel_err(out, reference)
             if not err <= tol:
@@ -513,6 +524,9 @@ def _tune(key: ConvKey, args: tuple, device: torch.device, dtype: torch.dtype,
     # Round 2: the close ones again, so noise cannot decide between them.
     best_first = min(t[0] for t in times.values())
     close = [n for n, t in times.items() if t[0] <= _CLOSE * best_first]
+    if REFERENCE in times and REFERENCE not in close:
+        # The reference ran first and cold (no CPU warm-up): one sample is no fair comparison.
+        close.append(REFERENCE)
     if len(close) > 1:
         for name in close:
             try:
@@ -564,6 +578,8 @@ def _decide_locally(key: ConvKey, args: tuple, device: torch.device, dtype: torc
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return Decision(key, REFERENCE, "heuristic"), False
     decision = _tune(key, args, device, dtype, candidates, out_format, expect)
+    if decision.how == "unchecked":
+        return decision, True
     store_entries({key.text(): decision.record()})
     global _file_entries
     if _file_entries is not None:
@@ -571,10 +587,26 @@ def _decide_locally(key: ConvKey, args: tuple, device: torch.device, dtype: torc
     return decision, True
 
 
+# Under torch.distributed: rank 0's choice per layer signature (the key without the batch size),
+# agreed once. Ranks meet a layer for the first time together (same model, same order), but later
+# batches can differ in size between ranks (a partial last batch, a shard one video shorter, a
+# dropped bad video): those keys must not start a collective that only some ranks enter.
+_agreed: dict[ConvKey, str] = {}
+
+
 def _decide(key: ConvKey, args: tuple, device: torch.device, dtype: torch.dtype,
             candidates: list[Algorithm], out_format, expect) -> tuple[Decision, bool]:
     if not _distributed():
         return _decide_locally(key, args, device, dtype, candidates, out_format, expect)
+    names = {a.name for a in candidates}
+    signature = replace(key, n=0)
+    agreed = _agreed.get(signature)
+    if agreed is not None:
+        # Agreed for this layer already: no collective; the same algorithm where it applies.
+        return Decision(key, agreed if agreed in names else REFERENCE, "rank0"), True
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # No collective may run inside a graph capture: the reference now, agreement later.
+        return Decision(key, REFERENCE, "heuristic"), False
     dist = torch.distributed
     if dist.get_rank() == 0:
         decision, keep = _decide_locally(key, args, device, dtype, candidates, out_format,
@@ -583,18 +615,18 @@ def _decide(key: ConvKey, args: tuple, device: torch.device, dtype: torch.dtype,
     else:
         message = [None, None, None]
     dist.broadcast_object_list(message, src=0)
+    key_text, record, from_cache = message
+    _agreed[signature] = record["chosen"]
     if dist.get_rank() == 0:
         return decision, keep
-    key_text, record, from_cache = message
-    if key_text != key.text():
-        raise RuntimeError(
-            f"vidconv st_conv3d: rank {dist.get_rank()} decides {key.describe()} while rank 0 "
-            f"decided {key_text}; under torch.distributed every rank must run the same layer "
-            "shapes in the same order")
     chosen = record["chosen"]
-    if chosen not in {a.name for a in candidates}:
-        raise RuntimeError(f"vidconv st_conv3d: rank 0 chose {chosen!r}, which rank "
-                           f"{dist.get_rank()} cannot run for {key.describe()}")
+    if chosen not in names:
+        # rank 0 met another batch size (or can run a candidate this rank cannot): the
+        # reference is correct everywhere.
+        _warn_once(f"rank0:{key.text()}",
+                   f"vidconv: rank 0 chose {chosen!r} for {key_text}, which does not apply to "
+                   f"{key.describe()} on rank {dist.get_rank()}; running {REFERENCE}")
+        return Decision(key, REFERENCE, "rank0"), True
     return Decision(key, chosen, "rank0", record["times_ms"], record["passed"],
                     record["errors"], record["tolerance"], record["tune_s"],
                     from_cache=bool(from_cache)), True
@@ -680,6 +712,7 @@ def clear_conv_plan(*, cache_file: bool = False) -> None:
     global _file_entries
     with _lock:
         _plan.clear()
+        _agreed.clear()
         _file_entries = None
         _warned.clear()
         if cache_file:
