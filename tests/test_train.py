@@ -754,6 +754,14 @@ def _group_worker(rank: int, world: int, port: int, out: str) -> None:
             group.on_main(fail)
         except ValueError as exc:
             got["error"] = str(exc)
+
+        def crash() -> None:
+            raise KeyError("not a shared error type")
+
+        try:  # must not leave rank 1 waiting for a broadcast that never comes
+            group.on_main(crash)
+        except (KeyError, RuntimeError) as exc:
+            got["crash"] = f"{type(exc).__name__}: {exc}"
         torch.save(got, f"{out}/group{rank}.pt")
     finally:
         group.close()
@@ -775,6 +783,8 @@ def test_ranks_agree_and_share_rank_zero_errors(tmp_path: Path) -> None:
         assert got["gather"] == [{"rank": 0}, {"rank": 1}]
         assert got["main"] == ("made on rank 0" if rank == 0 else None)
         assert got["error"] == "rank 0 could not prepare"
+        assert got["crash"] == ("KeyError: 'not a shared error type'" if rank == 0 else
+                                "RuntimeError: rank 0 failed: KeyError: 'not a shared error type'")
 
 
 def test_evaluate_without_the_bar_prints_progress_lines(trained: dict, datasets: dict[str, Path],

@@ -58,24 +58,33 @@ class Group:
 
     def on_main(self, fn: Callable[[], T]) -> T | None:
         """Run `fn` on rank 0 only; if it raises an OSError or ValueError, every rank raises
-        it (the other ranks get the same type and message). Returns fn's result on rank 0,
-        None elsewhere."""
+        it (the other ranks get the same type and message); anything else rank 0 raises stops
+        the other ranks with a RuntimeError naming it (rather than leaving them waiting), and
+        rank 0 raises it as it is. Returns fn's result on rank 0, None elsewhere."""
         result: T | None = None
         failure: tuple[str, str] | None = None
+        own: BaseException | None = None
         if self.is_main:
             try:
                 result = fn()
-            except SHARED_ERRORS as exc:
+            except BaseException as exc:
                 if self.world == 1:
                     raise
-                failure = ("OSError" if isinstance(exc, OSError) else "ValueError", str(exc))
+                own = exc
+                kind = ("OSError" if isinstance(exc, OSError) else
+                        "ValueError" if isinstance(exc, ValueError) else "other")
+                failure = (kind, str(exc) if kind != "other" else
+                           f"rank 0 failed: {type(exc).__name__}: {exc}")
         if self.world > 1:
             box = [failure]
             dist.broadcast_object_list(box, src=0)
             failure = box[0]
+            if own is not None and not isinstance(own, SHARED_ERRORS):
+                raise own
             if failure is not None:
                 kind, message = failure
-                raise (OSError if kind == "OSError" else ValueError)(message)
+                raise {"OSError": OSError, "ValueError": ValueError}.get(kind, RuntimeError)(
+                    message)
         return result
 
     def barrier(self) -> None:
