@@ -835,3 +835,30 @@ def test_saved_files_are_fsynced_with_their_directory(tmp_path: Path,
     save_text(tmp_path / "summary.json", "{}")
     assert synced == ["file", "dir"]
     assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("field, value", [("multires", "no"), ("multires", 1),
+                                          ("width", "wide"), ("num_classes", 2.5),
+                                          ("name", "resnet"), ("stream", "left")])
+def test_tampered_checkpoint_model_entry_is_named_not_coerced(tmp_path: Path, field: str,
+                                                              value: object) -> None:
+    from vidconv.models import build
+    from vidconv.train import checkpoint as ckpt_io
+
+    model = build("single_frame", 3, width=0.0625)
+    info = ckpt_io.model_info(model)
+    assert ckpt_io.build_model(info).fc1.in_features == model.fc1.in_features
+    path = ckpt_io.save_checkpoint(tmp_path / "c.pt", {
+        "format": ckpt_io.FORMAT, "model": {**info, field: value}, "classes": ["a", "b", "c"],
+        "state_dict": model.state_dict()})
+    with pytest.raises(ValueError, match=f"checkpoint model entry .*{field}"):
+        ckpt_io.load_model(path)
+
+
+def test_checkpoint_model_entry_missing_fields_are_named() -> None:
+    from vidconv.train import checkpoint as ckpt_io
+
+    with pytest.raises(ValueError, match="lacks 'name', 'width'"):
+        ckpt_io.build_model({"multires": False, "num_classes": 3})
+    with pytest.raises(ValueError, match="must be a dict, got list"):
+        ckpt_io.build_model(["single_frame"])

@@ -46,17 +46,33 @@ def model_info(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def build_model(info: dict[str, Any]) -> nn.Module:
+def build_model(info: object) -> nn.Module:
+    """Rebuild the model a checkpoint's ``model`` entry describes.
+
+    The fields go to :func:`vidconv.models.build` as stored, so its checks judge them: a damaged
+    or hand-edited entry (``multires: "no"``, ``width: "wide"``, a missing name) is a ValueError
+    naming the field, never a model built from a coerced value (``bool("no")`` is True).
+    """
     from vidconv.models import build
 
-    return build(info["name"], int(info["num_classes"]), multires=bool(info["multires"]),
-                 stream=info.get("stream", "both"), width=float(info["width"]),
-                 dropout=float(info.get("dropout", 0.5)))
+    if not isinstance(info, dict):
+        raise ValueError(f"checkpoint model entry must be a dict, got {type(info).__name__}")
+    missing = [key for key in MODEL_KEYS if key not in info and key != "stream"]
+    if missing:
+        raise ValueError(f"checkpoint model entry lacks {', '.join(map(repr, missing))}")
+    try:
+        return build(info["name"], info["num_classes"], multires=info["multires"],
+                     stream=info.get("stream", "both"), width=info["width"],
+                     dropout=info.get("dropout", 0.5))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ValueError(f"checkpoint model entry {describe(info)} is invalid: {exc}") from exc
 
 
 def describe(info: dict[str, Any]) -> str:
-    return (f"model={info['name']}, multires={info['multires']}, stream={info['stream']}, "
-            f"width={info['width']}, num_classes={info['num_classes']}")
+    """One line naming a checkpoint's model fields (missing ones as None)."""
+    return (f"model={info.get('name')}, multires={info.get('multires')}, "
+            f"stream={info.get('stream', 'both')}, width={info.get('width')}, "
+            f"num_classes={info.get('num_classes')}")
 
 
 def check_model_matches(found: dict[str, Any], expected: dict[str, Any], where: str) -> None:
