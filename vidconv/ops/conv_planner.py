@@ -7,12 +7,20 @@ is run on the real tensors, its result checked against the reference (ATen's con
 and timed: CUDA events on a GPU (after two untimed warm-up runs), ``perf_counter`` on the CPU
 (where the checked run is the first timed one: a layer takes tens of milliseconds there and a
 model's tuning must stay within seconds). Candidates within 15% of the fastest first time are
-timed again, and the median of their runs decides; a clear winner needs no more runs. The
-fastest one that agrees is kept for the key (another candidate replaces the reference only when
-it beats it by more than the timing noise: 10% on the CPU, 3% on CUDA), in memory and in
-``$VIDCONV_CACHE_DIR/conv_plan.json`` (default ``~/.cache/vidconv``), which is keyed by the
-device and the torch / CUDA / cuDNN / vidconv versions. The reference is always a candidate, so
-the choice is never slower than it by more than the timing noise.
+timed again, run by run in turn (so a change in the machine's load falls on all of them alike),
+and their best run (CPU: other processes only ever add time) or median run (CUDA) decides; a
+clear winner needs no more runs. The fastest one that agrees is kept for the key (another
+candidate replaces the reference only when it beats it by more than the timing noise: 10% on the
+CPU, 3% on CUDA), in memory and in ``$VIDCONV_CACHE_DIR/conv_plan.json`` (default
+``~/.cache/vidconv``), which is keyed by the device and the torch / CUDA / cuDNN / vidconv
+versions. The reference is always a candidate, so the choice is never slower than it by more
+than the timing noise.
+
+A busy machine (data-loading workers, another job on the same cores) makes timings meaningless
+and a choice made then would be remembered for good. So when the repeated runs of the reference
+or of the winner differ by more than 1.5x (CPU) or 1.25x (CUDA), the decision is "noisy": the
+reference runs, for this process only, nothing is written to the file, one warning says so, and
+a later process decides again.
 
 "Agrees" means: the largest absolute difference from the reference, relative to the reference's
 largest magnitude, is within ``4 x drift + 2 eps(dtype) + 4 sqrt(R) eps(accumulator)``, where
@@ -81,6 +89,9 @@ _CLOSE = 1.15
 # costs around it (a model measured end to end ran up to 15% slower on the CPU when every 5%
 # win was taken). Between candidates the fastest median still decides.
 _REFERENCE_MARGIN = {"cpu": 0.10, "cuda": 0.03}
+# Slowest / fastest of a candidate's warm runs above which its timing says more about the
+# machine's load than about the algorithm (quiet machines stay within ~1.15x on 2 CPU cores).
+_NOISY = {"cpu": 1.5, "cuda": 1.25}
 
 _EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10,
         torch.bfloat16: 2.0**-7}
@@ -128,7 +139,8 @@ class Decision:
 
     key: ConvKey
     chosen: str
-    how: str  # "tuned", "unchecked" (all-zero reference: kept, not cached), "heuristic",
+    how: str  # "tuned", "unchecked" (all-zero reference: kept, not cached), "noisy" (timings
+    # too uneven to trust: the reference, kept, not cached), "heuristic",
     # "forced", "rank0"
     times_ms: dict[str, float | None] = field(default_factory=dict)
     passed: dict[str, bool] = field(default_factory=dict)
@@ -528,23 +540,45 @@ def _tune(key: ConvKey, args: tuple, device: torch.device, dtype: torch.dtype,
         # The reference ran first and cold (no CPU warm-up): one sample is no fair comparison.
         close.append(REFERENCE)
     if len(close) > 1:
-        for name in close:
-            try:
-                times[name] += time_candidate(name, runs[name], device, repeats - 1)
-            except Exception as exc:  # noqa: BLE001
-                if name == REFERENCE:
-                    raise
-                times.pop(name)
-                reject(name, f"raised {type(exc).__name__}: {exc}")
+        # Run by run in turn, not candidate by candidate: load that comes and goes over a second
+        # then slows every candidate alike instead of whichever was being timed.
+        for _ in range(repeats - 1):
+            for name in [n for n in close if n in times]:
+                try:
+                    times[name] += time_candidate(name, runs[name], device, 1)
+                except Exception as exc:  # noqa: BLE001
+                    if name == REFERENCE:
+                        raise
+                    times.pop(name)
+                    reject(name, f"raised {type(exc).__name__}: {exc}")
+    # On the CPU other processes only ever add time: the best run is the algorithm's own. CUDA
+    # events time the GPU alone; there the median is the steadier figure.
+    summary = min if not on_cuda else statistics.median
     for name, t in times.items():
-        decision.times_ms[name] = statistics.median(t)
+        decision.times_ms[name] = summary(t)
     decision.chosen = min(times, key=lambda n: decision.times_ms[n])
     margin = _REFERENCE_MARGIN.get(device.type, 0.10)
     if REFERENCE in times and (decision.times_ms[decision.chosen] * (1 + margin)
                                > decision.times_ms[REFERENCE]):
         decision.chosen = REFERENCE
+    spread = max(_spread(times[name]) for name in {REFERENCE, decision.chosen} if name in times)
+    if spread > _NOISY.get(device.type, 1.5):
+        decision.how = "noisy"
+        decision.chosen = REFERENCE
+        _warn_once("noisy", f"vidconv st_conv3d: timings varied {spread:.1f}x between runs of "
+                   f"one algorithm on {key.describe()} (other work on the same device?): such "
+                   "layers run the reference in this process and are timed again in a later "
+                   "one (VIDCONV_TUNE=0 skips timing)")
     decision.tune_s = time.perf_counter() - t_start
     return decision
+
+
+def _spread(times_ms: list[float]) -> float:
+    """Slowest / fastest of the warm runs (the first, cold run left out); 1.0 for fewer than 2."""
+    warm = times_ms[1:]
+    if len(warm) < 2 or min(warm) <= 0:
+        return 1.0
+    return max(warm) / min(warm)
 
 
 # ---- deciding ---------------------------------------------------------------------------------
@@ -578,7 +612,7 @@ def _decide_locally(key: ConvKey, args: tuple, device: torch.device, dtype: torc
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return Decision(key, REFERENCE, "heuristic"), False
     decision = _tune(key, args, device, dtype, candidates, out_format, expect)
-    if decision.how == "unchecked":
+    if decision.how in ("unchecked", "noisy"):  # this process only: the next one decides again
         return decision, True
     store_entries({key.text(): decision.record()})
     global _file_entries
