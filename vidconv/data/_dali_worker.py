@@ -60,9 +60,10 @@ class BatchRunner:
         device: "cpu" or "mixed" (NVDEC), DALI's names.
         device_id: the CUDA device for "mixed"; None on the CPU.
         threads: DALI CPU threads of each pipeline.
-        batch_size: files per pipeline run (DALI's maximum batch size; a run may hold fewer).
-        prefetch: runs queued ahead of the one being read (DALI's prefetch queue depth); 1
-            runs each batch synchronously.
+        batch_size: files per pipeline run (DALI's maximum batch size; a run may hold fewer)
+            when frames are chosen; whole files go one per run.
+        prefetch: runs queued ahead of the one being read (DALI's prefetch queue depth) when
+            frames are chosen; 1 runs each batch synchronously.
 
     A run that fails fails as a whole (DALI names no sample) and leaves the pipeline unusable,
     so its files are decoded again one per run on a fresh pipeline: a bad file is reported
@@ -126,9 +127,12 @@ class BatchRunner:
                 self._run_group(group, with_frames, deliver)
 
     def _run_group(self, group, with_frames: bool, deliver: Deliver) -> None:
-        size = self.batch_size
+        # Whole files (a cache fill, once per video) go one per synchronous run: a long video's
+        # frames at full resolution can take gigabytes, and a batch of them queued twice over
+        # could exhaust the GPU's memory.
+        size = self.batch_size if with_frames else 1
         chunks = [group[i:i + size] for i in range(0, len(group), size)]
-        pipelined = self.prefetch > 1 and len(chunks) >= self.prefetch
+        pipelined = with_frames and self.prefetch > 1 and len(chunks) >= self.prefetch
         done = 0
         try:
             pipe = self._pipe(with_frames, pipelined)

@@ -20,8 +20,11 @@ Batches and pipelines
     H200 has 7): one synchronous pipeline keeps only one engine busy. On the CPU the default
     is one pipeline (DALI's threads already decode the files of a run in parallel). Knobs:
     ``VIDCONV_DALI_BATCH`` (default 8), ``VIDCONV_DALI_PIPELINES``, ``VIDCONV_DALI_PREFETCH``
-    (default 2; 1 = synchronous runs). Results do not depend on them: every file's frames are
-    its own, decoded with the same operator and arguments as one file per run.
+    (default 2; 1 = synchronous runs). Files decoded whole (the loader's cache fill, once per
+    video) go one per run without queueing, since their full-resolution frames can take
+    gigabytes; they still spread over the pipelines. Results do not depend on any of this:
+    every file's frames are its own, decoded with the same operator and arguments as one file
+    per run.
 
 Bad files in a batch
     DALI fails a run as a whole without naming the sample, and the failed pipeline cannot be
