@@ -189,6 +189,9 @@ class _Worker:
         self.proc.wait()
 
 
+_NO_ANSWER = "DALI's decoder process gave no answer for it"
+
+
 class _WorkerPipeline:
     """One CPU pipeline: a worker process running DALI's CPU decoder on lists of files."""
 
@@ -212,16 +215,17 @@ class _WorkerPipeline:
             results: list[torch.Tensor | DecodeError | None] = [None] * len(requests)
             failure = self._exchange(requests, results)
             left = [k for k, r in enumerate(results) if r is None]
-            if failure is not None and len(requests) == 1:
-                results[0] = DecodeError(requests[0][0], failure)
-            elif left:
+            if len(requests) > 1:
                 # The worker died or hung on one of the files it had not answered yet: each
                 # of them alone, in a fresh worker, tells which.
                 for k in left:
                     one: list[torch.Tensor | DecodeError | None] = [None]
                     failure = self._exchange([requests[k]], one)
-                    results[k] = one[0] if failure is None else DecodeError(requests[k][0],
-                                                                            failure)
+                    results[k] = one[0]
+                    if results[k] is None:
+                        results[k] = DecodeError(requests[k][0], failure or _NO_ANSWER)
+            elif left:
+                results[0] = DecodeError(requests[0][0], failure or _NO_ANSWER)
             return results  # type: ignore[return-value]
 
     def _exchange(self, requests: list[tuple[Path, list[int] | None]],
