@@ -215,6 +215,10 @@ def test_settings_are_checked_and_default_to_the_engines(monkeypatch) -> None:
     for name, engines in names.items():
         monkeypatch.setattr(dali_module.torch.cuda, "get_device_name", lambda d, n=name: n)
         assert dali_module.nvdec_engines("cuda:0") == engines, name
+    # The H200 machine: 16 cores over 7 pipelines; never fewer threads than asked for.
+    assert dali_module.gpu_threads(1, 8, 7, cores=16) == 2
+    assert dali_module.gpu_threads(1, 3, 1, cores=16) == 3
+    assert dali_module.gpu_threads(4, 8, 7, cores=2) == 4
 
 
 # ---------------------------------------------------------------------------------- loader

@@ -131,6 +131,16 @@ def nvdec_engines(device: str | torch.device) -> int:
     return DEFAULT_ENGINES
 
 
+def gpu_threads(threads: int, batch_size: int, pipelines: int, cores: int | None = None) -> int:
+    """DALI CPU threads of each CUDA pipeline: ``threads``, or more, up to a run's files, when
+    the CPU cores shared out over the pipelines allow (the "mixed" decoder parses and decodes
+    the files of a run in parallel on these threads)."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    return max(threads, min(batch_size, cores // pipelines))
+
+
 def _signal_name(returncode: int | None) -> str:
     if returncode is None or returncode >= 0:
         return f"exit status {returncode}"
@@ -333,7 +343,8 @@ class DaliDecoder:
     Args:
         device: "cpu" (DALI's CPU decoder, in worker processes; see the module docstring) or
             a CUDA device (NVDEC through DALI's "mixed" backend; the output stays on that GPU).
-        threads: DALI CPU threads per pipeline.
+        threads: DALI CPU threads per pipeline (on CUDA at least the CPU cores shared out
+            over the pipelines, up to ``batch_size``: :func:`gpu_threads`).
         timeout: seconds a CPU decode may take per file before the worker is killed and the
             file reported (default: ``VIDCONV_DALI_TIMEOUT`` or 600).
         batch_size: files per pipeline run (default: ``VIDCONV_DALI_BATCH`` or 8).
@@ -363,6 +374,8 @@ class DaliDecoder:
         on_gpu = self.device.type == "cuda"
         self.pipelines = _setting("pipelines", pipelines, "VIDCONV_DALI_PIPELINES",
                                   nvdec_engines(self.device) if on_gpu else 1)
+        if on_gpu:
+            self.threads = gpu_threads(self.threads, self.batch_size, self.pipelines)
         kind = _GpuPipeline if on_gpu else _WorkerPipeline
         self._slots: list[_WorkerPipeline | _GpuPipeline] = [
             kind(self) for _ in range(self.pipelines)]
