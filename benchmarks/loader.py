@@ -18,6 +18,14 @@ and flip, normalised), with the whole-video cache off so every clip is decoded. 
   shards jpeg only  reading, CRC-checking and decoding the clips' JPEG frames alone (no
                   batching, no preprocessing): the shards' share of the "shards" row
 
+A separate table times DALI's decoder alone, batched against one file per run: each timed
+epoch asks for one random 10-frame clip of every video, handed over ``--batch`` files at a time
+(as the loader does per batch of clips); "one at a time" decodes them one file per synchronous
+pipeline run (batch 1, one pipeline, no prefetch), "batched" with DaliDecoder's defaults
+(several files per run, runs queued ahead, one pipeline per NVDEC engine on CUDA). VP8/VP9
+sources on the CPU, every source on CUDA. Its "cores busy" counts the CPU decoder's worker
+process over its whole life (start-up and warm-up included).
+
 "cores busy" is process CPU time over wall time while a row ran: the CPU cores that row kept
 busy; "clips/s/core" is clips/s over cores busy. "vs pyav" is clips/s over the single-thread
 PyAV row of the same source (the baseline). Times are wall-clock over whole epochs after one
@@ -117,6 +125,45 @@ def run_row(folder: Path, device: torch.device, backend: str, workers: int, batc
     return {"clips": clips, "clips_per_s": clips / wall, "cores_busy": cpu / wall,
             "clips_per_s_per_core": clips / cpu if cpu > 0 else None,
             "skipped": loader.report.num_skipped}
+
+
+def time_dali_batched(folder: Path, device: torch.device, epochs: int, batch: int
+                      ) -> list[dict[str, Any]]:
+    """DALI decode alone, one file per run against batched (see the module docstring): the same
+    clip requests, files/s and the CPU cores each way kept busy."""
+    from vidconv.data.dali import DaliDecoder
+    from vidconv.data.decode import probe
+
+    lengths = {p: probe(p).num_frames for p in sorted((folder / "x").iterdir())}
+    rng = np.random.default_rng(0)
+    requests = [(path, list(range(s, s + SPEC.frames)))
+                for _ in range(epochs) for path, n in lengths.items() if n >= SPEC.frames
+                for s in [int(rng.integers(0, n - SPEC.frames + 1))]]
+    groups = [requests[i:i + batch] for i in range(0, len(requests), batch)]
+    rows = []
+    for mode, kwargs in (("one at a time", {"batch_size": 1, "pipelines": 1, "prefetch": 1}),
+                         ("batched", {})):
+        dec = DaliDecoder(device, **kwargs)
+        dec.decode_batch(groups[0])  # warm-up: worker start, pipeline build
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        bad = sum(isinstance(r, Exception) for g in groups for r in dec.decode_batch(g))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+        dec.close()  # the CPU worker's time counts once it has exited
+        usage1 = resource.getrusage(resource.RUSAGE_SELF)
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = sum(getattr(b, f) - getattr(a, f) for a, b in ((usage0, usage1),
+                                                             (children0, children1))
+                  for f in ("ru_utime", "ru_stime"))
+        rows.append({"mode": mode, "batch_size": dec.batch_size, "pipelines": dec.pipelines,
+                     "prefetch": dec.prefetch, "files": len(requests), "failed": bad,
+                     "files_per_s": len(requests) / wall, "cores_busy": cpu / wall,
+                     "vs_one_at_a_time": None})
+    rows[1]["vs_one_at_a_time"] = rows[1]["files_per_s"] / rows[0]["files_per_s"]
+    return rows
 
 
 def time_jpeg_only(prepared: Path, epochs: int) -> dict[str, Any]:
@@ -240,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"source": size, "codec": codec, "backend": name, "device": str(dev),
                             "workers": nw, **row,
                             "vs_pyav": row["clips_per_s"] / ref if ref else None})
+        dali_batched = []
+        for (size, codec), folder in folders.items() if has_dali else ():
+            if codec in CODECS and (codec in CPU_CODECS or device.type == "cuda"):
+                dali_batched += [{"source": size, "codec": codec, "device": str(device), **r}
+                                 for r in time_dali_batched(folder, device, args.epochs,
+                                                            args.batch)]
     payload = {"spec": {"frames": SPEC.frames, "size": SPEC.size, "frame_size": SPEC.frame_size},
                "videos": args.videos, "frames_per_video": args.frames, "epochs": args.epochs,
                "batch": args.batch, "cores_available": cores, "dali": has_dali,
@@ -247,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                # Other processes compete for the cores on a shared machine; say how busy it was.
                "load_average_before": load_before,
                "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
-               "rows": results, "jpeg": jpeg_library(),
+               "rows": results, "dali_batched": dali_batched, "jpeg": jpeg_library(),
                "prepare": [{"source": k[0], "codec": k[1], **v} for k, v in preps.items()],
                "targets": targets(results, preps)}
     path = _common.write_json("loader", payload, path=args.out, device=device)
@@ -259,6 +312,13 @@ def main(argv: list[str] | None = None) -> int:
               "x real time / core": v["realtime_per_core"], "GB / hour": v["gb_per_hour"]}
              for k, v in preps.items()],
             title=f"vidconv prepare, one worker, JPEG q{args.quality} by {jpeg_library()}")
+    if dali_batched:
+        _common.print_table(
+            [{"source": r["source"], "codec": r["codec"], "device": r["device"],
+              "mode": r["mode"], "files/run": r["batch_size"], "pipelines": r["pipelines"],
+              "files/s": r["files_per_s"], "cores busy": r["cores_busy"],
+              "vs one at a time": r["vs_one_at_a_time"]} for r in dali_batched],
+            title="DALI decode alone, 10-frame clips: batched vs one file per run")
     _common.print_table(
         [{"source": r["source"], "codec": r["codec"], "backend": r["backend"],
           "device": r["device"], "clips/s": r["clips_per_s"], "cores busy": r["cores_busy"],

@@ -61,13 +61,16 @@ def damaged_variants(data: bytes, seed: int) -> dict[str, bytes]:
     return out
 
 
-def kill_when_read(fifo: Path, pid_of, sig: int = signal.SIGSEGV) -> threading.Thread:
-    """Kill the process reading ``fifo`` with ``sig`` once it has opened it: the reader is
-    then blocked inside a decode, so the kill lands mid-decode, deterministically."""
+def kill_when_read(fifo: Path, pid_of, sig: int = signal.SIGSEGV,
+                   times: int = 1) -> threading.Thread:
+    """Kill the process reading ``fifo`` with ``sig`` once it has opened it, ``times`` times
+    (a file that crashes the decoder does so at every try): the reader is then blocked inside
+    a decode, so the kill lands mid-decode, deterministically."""
 
     def run() -> None:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        left = times
+        while left and time.monotonic() < deadline:
             try:
                 fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
             except OSError:  # no reader yet
@@ -76,7 +79,7 @@ def kill_when_read(fifo: Path, pid_of, sig: int = signal.SIGSEGV) -> threading.T
             os.kill(pid_of(), sig)
             time.sleep(0.5)  # the reader dies before it could see the end of the file
             os.close(fd)
-            return
+            left -= 1
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -165,7 +168,8 @@ def test_loader_skips_and_reports_a_file_the_decoder_crashed_on(tmp_path: Path) 
     victim = root / "a" / "a1.avi"
     victim.unlink()
     os.mkfifo(victim)
-    watcher = kill_when_read(victim, lambda: loader._decoder("dali-cpu").worker_pid)
+    # Twice: the batch [a0, a1] it crashes, then a1 alone (a0 alone decodes).
+    watcher = kill_when_read(victim, lambda: loader._decoder("dali-cpu").worker_pid, times=2)
     with pytest.warns(BadVideoWarning, match=r"a1\.avi: .*died decoding it \(SIGSEGV\)"):
         seen = [v for b in loader for v in b.video_index.tolist()]
     watcher.join(5)

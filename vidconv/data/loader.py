@@ -503,14 +503,50 @@ class ClipLoader:
         got = self._decode(index, unique)
         return got, {i: k for k, i in enumerate(unique)}
 
+    def _dali_batch(self, by_video: dict[int, list[int]]
+                    ) -> dict[int, tuple[np.ndarray | torch.Tensor, dict[int, int]]]:
+        """:meth:`_video_frames` for every DALI file of a batch in one
+        :meth:`~vidconv.data.dali.DaliDecoder.decode_batch` call (several files per DALI run,
+        several pipelines at once); a file that fails is skipped and reported, the others
+        decode."""
+        todo: dict[str, list[int]] = {}
+        for index in by_video:
+            backend = self._backend_of[index]
+            if backend in ("dali-cpu", "dali-gpu") and (self._cache is None
+                                                        or index not in self._cache):
+                todo.setdefault(backend, []).append(index)
+        from vidconv.data.dali import resize_square
+
+        out: dict[int, tuple[np.ndarray | torch.Tensor, dict[int, int]]] = {}
+        for backend, indices in todo.items():
+            wanted = [None if self._cache is not None else sorted(set(by_video[i]))
+                      for i in indices]
+            results = self._decoder(backend).decode_batch(
+                [(self.source.videos[i].path, w) for i, w in zip(indices, wanted, strict=True)])
+            for index, frames, raw in zip(indices, wanted, results, strict=True):
+                if isinstance(raw, DecodeError):
+                    self._skip(index, raw.reason, "decode")
+                    continue
+                got = resize_square(raw, self.spec.frame_size, self._infos[index].rotation)
+                got = got.numpy() if got.device.type == "cpu" else got
+                if frames is None:
+                    with self._lock:
+                        self._cache[index] = got  # type: ignore[index]
+                    out[index] = got, {i: i for i in range(got.shape[0])}
+                else:
+                    out[index] = got, {i: k for k, i in enumerate(frames)}
+        return out
+
     def _load(self, items: list[_Item]) -> Batch | None:
         offsets = self.spec.frame_offsets
         by_video: dict[int, list[int]] = {}
         for item in items:
             if item.video not in self._bad:
                 by_video.setdefault(item.video, []).extend(item.start + o for o in offsets)
-        decoded: dict[int, tuple[torch.Tensor, dict[int, int]]] = {}
+        decoded = self._dali_batch(by_video)
         for index, needed in by_video.items():
+            if index in decoded or index in self._bad:
+                continue
             try:
                 decoded[index] = self._video_frames(index, needed)
             except DecodeError as exc:
