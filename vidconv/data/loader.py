@@ -103,7 +103,7 @@ from vidconv.data.sources import open_source
 
 log = logging.getLogger("vidconv.data")
 
-BACKENDS = ("auto", "pyav", "dali")
+BACKENDS = ("auto", "pyav", "dali", "torchcodec")
 DEFAULT_CACHE_BYTES = 1 << 30
 
 # (corner, flip) per eval view; see the module docstring.
@@ -259,6 +259,11 @@ class ClipLoader:
             raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "torchcodec":
+            from vidconv.data.torchcodec_decode import torchcodec_problem
+
+            if torchcodec_problem() is not None:
+                raise ImportError(f"backend='torchcodec': {torchcodec_problem()}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         device = torch.device(device)
@@ -351,7 +356,7 @@ class ClipLoader:
                            f"spans ({self.spec.span})", "probe")
                 continue
             if dali_ok is None:
-                dali_ok = self.backend != "pyav" and _dali_importable()
+                dali_ok = self.backend not in ("pyav", "torchcodec") and _dali_importable()
                 if self.backend == "dali" and not dali_ok:
                     raise ImportError("backend='dali' needs NVIDIA DALI: pip install "
                                       "nvidia-dali-cuda130 (the wheel for torch's CUDA)")
@@ -368,6 +373,8 @@ class ClipLoader:
             # JPEG frames: DALI's nvJPEG on CUDA, or DALI's CPU decoder when asked for.
             use_dali = dali_ok and (self.device.type == "cuda" or self.backend == "dali")
             return "dali-jpeg" if use_dali else "jpeg"
+        if self.backend == "torchcodec":
+            return "torchcodec-gpu" if self.device.type == "cuda" else "torchcodec-cpu"
         if self.backend == "pyav" or not dali_ok:
             return "pyav"
         from vidconv.data.dali import CPU_CODECS, GPU_CODECS
@@ -481,6 +488,13 @@ class ClipLoader:
             threads = 1 if self.num_workers > 1 or info.width * info.height < 640 * 360 else 0
             return decode_frames(path, frames, frame_size=self.spec.frame_size, info=info,
                                  threads=threads)
+        if backend in ("torchcodec-cpu", "torchcodec-gpu"):
+            from vidconv.data import torchcodec_decode
+
+            threads = 1 if self.num_workers > 1 or info.width * info.height < 640 * 360 else 0
+            return torchcodec_decode.decode_frames(
+                path, frames, frame_size=self.spec.frame_size, info=info, threads=threads,
+                device=self.device if backend == "torchcodec-gpu" else "cpu")
         from vidconv.data.dali import resize_square
 
         raw = self._decoder(backend).decode(path, frames)
