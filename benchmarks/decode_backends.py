@@ -26,6 +26,7 @@ of torch) its columns say why, and only PyAV is timed. CPU numbers only; NVDEC i
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.repeats}")
     problem = torchcodec_decode.torchcodec_problem()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="vidconv-decode-bench-") as tmp:
         for name, path in _sources(Path(tmp), sizes, codecs, args.frames):
@@ -154,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"frame_size": FRAME_SIZE, "clip": CLIP, "frames": args.frames,
                 "repeats": args.repeats, "threads": args.threads, "sizes": args.sizes,
                 "codecs": codecs, "torchcodec": _torchcodec_version(), "torchcodec_problem":
-                problem, "torch": torch.__version__}
+                problem, "torch": torch.__version__,
+                # other processes share these cores: the 1-minute load average around the run
+                "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     out = _common.write_json("decode_backends", {"settings": settings, "rows": rows}, args.json,
                              device="cpu")
     print(f"wrote {out}", file=sys.stderr)

@@ -64,7 +64,14 @@ Backends
     "auto" chooses per file from the probed codec and logs the count per backend once (in
     the start-up summary, logger ``vidconv.data``); :attr:`LoaderReport.backends` has it too.
     DALI (:mod:`vidconv.data.dali`) and PyAV decode the same YUV but convert to RGB and
-    resize with different rounding: a few grey levels apart.
+    resize with different rounding: a few grey levels apart. torchcodec
+    (:mod:`vidconv.data.torchcodec_decode`; FFmpeg on the CPU, NVDEC on CUDA) is used only when
+    asked for (``backend="torchcodec"``, reported as "torchcodec-cpu" / "torchcodec-gpu"):
+    "auto" never picks it: on the CPU it decoded and resized the loader's clips and whole
+    videos slower than PyAV in 29 of 32 timed cases, at 0.4-1.3x PyAV's speed
+    (``benchmarks/decode_backends.py``, 2 cores), and its NVDEC path has not been measured on
+    a GPU. Its unresized frames equal PyAV's; resized ones
+    are about a grey level apart.
 
 Prepared data
     A source made by ``vidconv prepare`` (:class:`vidconv.data.shards.PreparedSource`) holds
@@ -222,8 +229,9 @@ class ClipLoader:
         views: eval views per clip, 1 to 10 (see :data:`VIEWS`; the paper: 4).
         device: where batches are made (decoded frames go there, preprocessing runs there).
         backend: "auto" (per file: DALI NVDEC on CUDA, DALI CPU for VP8/VP9/MJPEG on the CPU,
-            when DALI imports; PyAV otherwise), "pyav" or "dali" (DALI for every file; on the
-            CPU a codec DALI cannot decode makes that file a skipped one).
+            when DALI imports; PyAV otherwise; never torchcodec, see Backends above), "pyav",
+            "dali" (DALI for every file; on the CPU a codec DALI cannot decode makes that file a
+            skipped one) or "torchcodec" (every file, on ``device``).
         seed: non-negative int; with the epoch and shard, all the randomness of an epoch.
         shard_id, num_shards: this process's part (default: torch.distributed rank / world).
         strict: raise on the first bad file instead of skipping it.
@@ -236,7 +244,8 @@ class ClipLoader:
         DecodeError: ``strict`` and a file cannot be used.
         ValueError: no video of the source is usable (the message says why), or ``device`` is
             a CUDA device and CUDA is not available.
-        ImportError: ``backend="dali"`` without DALI installed.
+        ImportError: ``backend="dali"`` without DALI installed, ``backend="torchcodec"``
+            where torchcodec does not import (the message says why).
     """
 
     def __init__(self, source: Any, spec: ClipSpec, *, batch_size: int = 32, train: bool = True,
