@@ -336,7 +336,7 @@ def test_cli_offers_every_loader_backend(tmp_path: Path) -> None:
 
     assert BACKEND_CHOICES == BACKENDS and "torchcodec" in BACKENDS
     res = subprocess.run([sys.executable, "-m", "vidconv", "train", "x", "--backend", "nvdec"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "invalid choice: 'nvdec'" in res.stderr and "torchcodec" in res.stderr
 
@@ -345,7 +345,7 @@ def test_benchmark_runs_and_writes_its_json(tmp_path: Path) -> None:
     out = tmp_path / "d.json"
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_backends.py"),
                           "--quick", "--sizes", "64x48", "--codecs", "h264", "--repeats", "1",
-                          "--json", str(out)], capture_output=True, text=True, timeout=300)
+                          "--json", str(out)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     import json
 
