@@ -24,6 +24,10 @@ from typing import Any
 
 from vidconv.train.config import FINETUNE_MODES, MAX_SEED, OPTIMIZERS, SCHEDULES
 
+# vidconv.data.loader.BACKENDS, spelled out so that building the parser imports no loader
+# (tests/test_torchcodec.py checks the two agree).
+BACKEND_CHOICES = ("auto", "pyav", "dali", "torchcodec")
+
 PAPER = "Karpathy et al. 2014"
 
 
@@ -190,7 +194,8 @@ def _add_training(p: argparse.ArgumentParser, *, finetune: bool) -> None:
                         "Ctrl-C / SIGTERM)")
     g.add_argument("--log-every", type=_positive_int, default=10)
     g.add_argument("--workers", type=int, default=0, help="loader worker processes")
-    g.add_argument("--backend", default="auto", help="video decoder: auto, pyav, dali")
+    g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="video decoder (see ClipLoader: auto picks per file)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar: one line per metrics row on stderr instead")
     once = g.add_mutually_exclusive_group()
@@ -245,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_evaluate)
 

@@ -64,7 +64,14 @@ Backends
     "auto" chooses per file from the probed codec and logs the count per backend once (in
     the start-up summary, logger ``vidconv.data``); :attr:`LoaderReport.backends` has it too.
     DALI (:mod:`vidconv.data.dali`) and PyAV decode the same YUV but convert to RGB and
-    resize with different rounding: a few grey levels apart.
+    resize with different rounding: a few grey levels apart. torchcodec
+    (:mod:`vidconv.data.torchcodec_decode`; FFmpeg on the CPU, NVDEC on CUDA) is used only when
+    asked for (``backend="torchcodec"``, reported as "torchcodec-cpu" / "torchcodec-gpu"):
+    "auto" never picks it: on the CPU it decoded and resized the loader's clips and whole
+    videos slower than PyAV in 29 of 32 timed cases, at 0.4-1.3x PyAV's speed
+    (``benchmarks/decode_backends.py``, 2 cores), and its NVDEC path has not been measured on
+    a GPU. Its unresized frames equal PyAV's; resized ones
+    are about a grey level apart.
 
 Prepared data
     A source made by ``vidconv prepare`` (:class:`vidconv.data.shards.PreparedSource`) holds
@@ -103,7 +110,7 @@ from vidconv.data.sources import open_source
 
 log = logging.getLogger("vidconv.data")
 
-BACKENDS = ("auto", "pyav", "dali")
+BACKENDS = ("auto", "pyav", "dali", "torchcodec")
 DEFAULT_CACHE_BYTES = 1 << 30
 
 # (corner, flip) per eval view; see the module docstring.
@@ -222,8 +229,9 @@ class ClipLoader:
         views: eval views per clip, 1 to 10 (see :data:`VIEWS`; the paper: 4).
         device: where batches are made (decoded frames go there, preprocessing runs there).
         backend: "auto" (per file: DALI NVDEC on CUDA, DALI CPU for VP8/VP9/MJPEG on the CPU,
-            when DALI imports; PyAV otherwise), "pyav" or "dali" (DALI for every file; on the
-            CPU a codec DALI cannot decode makes that file a skipped one).
+            when DALI imports; PyAV otherwise; never torchcodec, see Backends above), "pyav",
+            "dali" (DALI for every file; on the CPU a codec DALI cannot decode makes that file a
+            skipped one) or "torchcodec" (every file, on ``device``).
         seed: non-negative int; with the epoch and shard, all the randomness of an epoch.
         shard_id, num_shards: this process's part (default: torch.distributed rank / world).
         strict: raise on the first bad file instead of skipping it.
@@ -236,7 +244,8 @@ class ClipLoader:
         DecodeError: ``strict`` and a file cannot be used.
         ValueError: no video of the source is usable (the message says why), or ``device`` is
             a CUDA device and CUDA is not available.
-        ImportError: ``backend="dali"`` without DALI installed.
+        ImportError: ``backend="dali"`` without DALI installed, ``backend="torchcodec"``
+            where torchcodec does not import (the message says why).
     """
 
     def __init__(self, source: Any, spec: ClipSpec, *, batch_size: int = 32, train: bool = True,
@@ -259,6 +268,11 @@ class ClipLoader:
             raise ValueError(f"views must be 1..{len(VIEWS)}, got {views}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "torchcodec":
+            from vidconv.data.torchcodec_decode import torchcodec_problem
+
+            if torchcodec_problem() is not None:
+                raise ImportError(f"backend='torchcodec': {torchcodec_problem()}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         device = torch.device(device)
@@ -351,7 +365,7 @@ class ClipLoader:
                            f"spans ({self.spec.span})", "probe")
                 continue
             if dali_ok is None:
-                dali_ok = self.backend != "pyav" and _dali_importable()
+                dali_ok = self.backend not in ("pyav", "torchcodec") and _dali_importable()
                 if self.backend == "dali" and not dali_ok:
                     raise ImportError("backend='dali' needs NVIDIA DALI: pip install "
                                       "nvidia-dali-cuda130 (the wheel for torch's CUDA)")
@@ -368,6 +382,8 @@ class ClipLoader:
             # JPEG frames: DALI's nvJPEG on CUDA, or DALI's CPU decoder when asked for.
             use_dali = dali_ok and (self.device.type == "cuda" or self.backend == "dali")
             return "dali-jpeg" if use_dali else "jpeg"
+        if self.backend == "torchcodec":
+            return "torchcodec-gpu" if self.device.type == "cuda" else "torchcodec-cpu"
         if self.backend == "pyav" or not dali_ok:
             return "pyav"
         from vidconv.data.dali import CPU_CODECS, GPU_CODECS
@@ -481,6 +497,13 @@ class ClipLoader:
             threads = 1 if self.num_workers > 1 or info.width * info.height < 640 * 360 else 0
             return decode_frames(path, frames, frame_size=self.spec.frame_size, info=info,
                                  threads=threads)
+        if backend in ("torchcodec-cpu", "torchcodec-gpu"):
+            from vidconv.data import torchcodec_decode
+
+            threads = 1 if self.num_workers > 1 or info.width * info.height < 640 * 360 else 0
+            return torchcodec_decode.decode_frames(
+                path, frames, frame_size=self.spec.frame_size, info=info, threads=threads,
+                device=self.device if backend == "torchcodec-gpu" else "cpu")
         from vidconv.data.dali import resize_square
 
         raw = self._decoder(backend).decode(path, frames)
