@@ -674,7 +674,7 @@ class PreparedSource:
                               f"frame table {self._tables[s['shard']]}") from exc
         path = self._local_shard(s["shard"])
         count = len(table)
-        wanted = range(count) if frames is None else frames
+        wanted = range(count) if frames is None else list(frames)
         entries = []
         for i in wanted:
             if not 0 <= i < count:
@@ -743,11 +743,12 @@ class PreparedSource:
                              f"{out.dtype} {out.shape}"
                              + ("" if out.flags.c_contiguous else " (not contiguous)"))
         sj = _simplejpeg()
+        numbers = range(len(blobs)) if frames is None else list(frames)
         for k, data in enumerate(blobs):
             try:
                 _decode_jpeg(sj, data, out[k])
             except ValueError as exc:
-                number = k if frames is None else frames[k]
+                number = numbers[k]
                 raise DecodeError(self.videos[index].path, f"frame {number}: {exc}") from exc
         return out
 
