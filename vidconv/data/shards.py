@@ -16,11 +16,12 @@ order. Any WebDataset reader sees sample ``KEY`` with fields ``json`` and ``0000
 :class:`PreparedSource` is the random-access reader behind :func:`vidconv.data.open_source`:
 it presents the prepared videos like a video source (same order, same labels), so
 :class:`~vidconv.data.ClipLoader` samples clips, views and shards by exactly the rules it uses
-for video files and decodes only the JPEG frames a clip needs (``pread`` at offsets from the
-frame table). Shards may be local files or, with ``shards=``, URLs (``http(s)://``,
-``file://``) or ``pipe:COMMAND`` (the command writes the shard to stdout, as in WebDataset):
-a remote shard is copied once, atomically, into a local cache the first time one of its frames
-is needed, so each rank only fetches the shards holding the videos it reads; with ``per_node``
+for video files and decodes only the JPEG frames a clip needs (one ``pread`` for a clip's
+frames, at offsets from the frame table, decoded straight into the loader's batch). Shards
+may be local files or, with ``shards=``, URLs (``http(s)://``, ``file://``) or
+``pipe:COMMAND`` (the command writes the shard to stdout, as in WebDataset): a remote shard is
+copied once, atomically, into a local cache the first time one of its frames is needed, so
+each rank only fetches the shards holding the videos it reads; with ``per_node``
 (``VIDCONV_SHARDS_PER_NODE=1``) each node of a multi-node run reads only its part of the shard
 list, split among its ranks.
 
