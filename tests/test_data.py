@@ -254,6 +254,39 @@ def test_batches_equal_reference_preprocessing(dataset: Path) -> None:
         assert int(batch.video_index[n]) == item.video
 
 
+@pytest.mark.parametrize("size", [170, 16, 17, 47])
+def test_loader_preprocessing_bits_on_both_cpu_paths(size: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loader's crop_normalize on the CPU (float32, 16-pixel vector rows where the CPU has
+    AVX2, else the per-element table) gives exactly the documented float32 arithmetic,
+    (x - mean) * (1 / std), with VIDCONV_CPU_SIMD=0 (the table) too: a vector tail, a flip
+    or a deinterleaving mistake would change bits."""
+    from vidconv.ops import fovea_context
+
+    g = torch.Generator().manual_seed(size)
+    n, t, h, w = 4, 3, size + 13, size + 30
+    clips = torch.randint(0, 256, (n, t, h, w, 3), dtype=torch.uint8, generator=g)
+    offsets = torch.stack([torch.randint(0, h - size + 1, (n,), generator=g),
+                           torch.randint(0, w - size + 1, (n,), generator=g)], dim=1)
+    flips = torch.tensor([False, True, True, False])
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
+    inv = (1.0 / torch.tensor(std, dtype=torch.float32)).view(3, 1, 1, 1)
+    expected = []
+    for k in range(n):
+        y, x = offsets[k].tolist()
+        crop = clips[k, :, y:y + size, x:x + size]
+        crop = crop.flip(2) if flips[k] else crop
+        expected.append((crop.permute(3, 0, 1, 2).float() - m) * inv)
+    expected = torch.stack(expected)
+    for simd in ("1", "0"):
+        monkeypatch.setenv("VIDCONV_CPU_SIMD", simd)
+        out = crop_normalize(clips, size, offsets=offsets, flip=flips, mean=mean, std=std)
+        fovea, _ = fovea_context(clips, size, offsets=offsets, flip=flips, mean=mean, std=std)
+        assert torch.equal(out, expected), f"VIDCONV_CPU_SIMD={simd}"
+        assert torch.equal(fovea, expected), f"VIDCONV_CPU_SIMD={simd}"
+
+
 def test_flip_and_crop_move_content(tmp_path: Path) -> None:
     """A frame with a bright left edge: flipped clips have it on the right."""
     root = tmp_path / "d"

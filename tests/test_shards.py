@@ -497,3 +497,97 @@ def test_the_webdataset_package_reads_the_shards(prepared: Path) -> None:
     assert first["json"]["num_frames"] == 24 and first["json"]["class"]
     frames = sorted(k for k in first if k.endswith(".jpg"))
     assert len(frames) == 24 and first[frames[0]].shape == (200, 200, 3)
+
+
+def _frame_by_frame(source: PreparedSource, items: list, spec: ClipSpec) -> torch.Tensor:
+    """A batch made the slow, obvious way: every frame of every clip read and decoded alone,
+    then stacked and preprocessed."""
+    from vidconv.ops import crop_normalize
+
+    clips = [np.stack([decode_jpeg(source.read_frames(it.video, [it.start + o])[0])
+                       for o in spec.frame_offsets]) for it in items]
+    offsets = torch.tensor([it.offset for it in items], dtype=torch.int64)
+    flips = torch.tensor([it.flip for it in items], dtype=torch.bool)
+    return crop_normalize(torch.from_numpy(np.stack(clips)), spec.size, offsets=offsets,
+                          flip=flips)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "cached", "threads", "sparse"])
+def test_batches_equal_frame_by_frame_decoding(prepared: Path, mode: str) -> None:
+    # train: each clip decoded straight into its batch slot; eval: several clips of a video
+    # per batch, gathered from one decode; cached: gathered from whole videos; sparse: frame
+    # offsets that are not a slice.
+    spec = ClipSpec((0, 3, 4, 14), 170) if mode == "sparse" else SPEC
+    kw: dict = dict(batch_size=4, seed=3, cache_bytes=0)
+    if mode == "eval":
+        kw.update(train=False, clips_per_video=3, views=2)
+    elif mode == "cached":
+        del kw["cache_bytes"]
+    elif mode == "threads":
+        kw["num_workers"] = 2
+    loader = ClipLoader(prepared, spec, **kw)
+    assert loader.report.cached == (mode == "cached")
+    loader.set_epoch(2)
+    items = loader.items()
+    batches = list(loader)
+    assert len(batches) == len(loader) == -(-len(items) // 4)
+    for k, batch in enumerate(batches):
+        chunk = items[4 * k:4 * k + 4]
+        assert batch.video_index.tolist() == [it.video for it in chunk]
+        assert torch.equal(batch.inputs, _frame_by_frame(loader.source, chunk, spec))
+    resumed = list(loader.iter_from(1))
+    assert len(resumed) == len(batches) - 1
+    for x, y in zip(batches[1:], resumed, strict=True):
+        assert torch.equal(x.inputs, y.inputs) and torch.equal(x.labels, y.labels)
+
+
+def test_a_damaged_clip_leaves_its_batch_slot_out(prepared: Path, tmp_path: Path) -> None:
+    out = tmp_path / "damaged"
+    shutil.copytree(prepared, out)
+    index = json.loads((out / "index.json").read_text())
+    sample = index["samples"][0]
+    table = json.loads((out / index["shards"][0]["table"]).read_text())
+    frames = next(s["frames"] for s in table["samples"] if s["key"] == sample["key"])
+    # Every 10-frame clip of a 24-frame video holds frame 9 or frame 14.
+    with open(out / index["shards"][0]["name"], "r+b") as f:
+        for i in (9, 14):
+            offset, size, _ = frames[i]
+            f.seek(offset + size // 2)
+            f.write(b"\x00\x13\x37\x00")
+    loader = ClipLoader(out, SPEC, batch_size=4, seed=1, cache_bytes=0)
+    items = loader.items()
+    with pytest.warns(Warning, match="does not match its CRC-32"):
+        batches = list(loader)
+    assert [s.index for s in loader.report.skipped] == [0]
+    assert sum(b.labels.numel() for b in batches) == 5
+    good = [it for it in items if it.video != 0]
+    got = torch.cat([b.inputs for b in batches])
+    assert torch.equal(got, _frame_by_frame(loader.source, good, SPEC))
+
+
+def test_frame_reads_return_the_tar_members(prepared: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import tarfile
+
+    from vidconv.data import shards
+
+    src = open_source(prepared)
+    sample = src.index["samples"][3]
+    with tarfile.open(prepared / src.index["shards"][sample["shard"]]["name"]) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    member = [members[f"{sample['key']}.{i:06d}.jpg"] for i in range(24)]
+    frames = [23, 0, 5, 5, 6, 7, 1, 22]
+    # One read for everything, one read per frame, and the default's runs.
+    for gap in (1 << 40, -1, shards._READ_GAP):
+        monkeypatch.setattr(shards, "_READ_GAP", gap)
+        assert src.read_frames(3, frames) == [member[i] for i in frames]
+        assert src.read_frames(3) == member
+    into = np.zeros((len(frames), 200, 200, 3), dtype=np.uint8)
+    assert src.decode_video(3, frames, out=into) is into
+    assert np.array_equal(into, np.stack([decode_jpeg(member[i]) for i in frames]))
+    assert np.array_equal(src.decode_video(3, frames), into)
+    with pytest.raises(ValueError, match=r"out must be .* shape \(8, 200, 200, 3\), got uint8 "
+                                         r"\(8, 200, 199, 3\)"):
+        src.decode_video(3, frames, out=np.zeros((8, 200, 199, 3), dtype=np.uint8))
+    with pytest.raises(DecodeError, match=r"has no frame 24 \(24 frames\)"):
+        src.read_frames(3, [0, 24])

@@ -12,7 +12,15 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define VIDCONV_X86_SIMD 1
+#include <immintrin.h>
+#endif
 
 namespace vidconv {
 namespace {
@@ -47,6 +55,79 @@ std::vector<scalar_t> make_lut(int64_t values, int64_t count, const std::array<f
   return lut;
 }
 
+#ifdef VIDCONV_X86_SIMD
+// pshufb masks that gather one channel of 16 RGB pixels (48 bytes, three 16-byte loads) into
+// 16 lanes, in order or mirrored: masks[flip][channel][load][lane], 0x80 where a lane comes
+// from another load.
+struct DeinterleaveMasks {
+  alignas(16) uint8_t m[2][3][3][16];
+  DeinterleaveMasks() {
+    for (int flip = 0; flip < 2; ++flip) {
+      for (int c = 0; c < 3; ++c) {
+        for (int load = 0; load < 3; ++load) {
+          for (int lane = 0; lane < 16; ++lane) {
+            const int pixel = flip ? 15 - lane : lane;
+            const int byte = 3 * pixel + c;
+            m[flip][c][load][lane] = byte / 16 == load ? static_cast<uint8_t>(byte % 16) : 0x80;
+          }
+        }
+      }
+    }
+  }
+};
+
+// One fovea row of float32 planar output (AVX2, 16 pixels a step; the tail by the table):
+// (float(v) - mean) * inv_std in the same two IEEE steps as make_lut, so the same bits as the
+// table, which gathers a byte and a float per element and runs several times slower.
+__attribute__((target("avx2"))) void fovea_row_f32_avx2(
+    const uint8_t* src, int64_t S, bool flip, float* dst, int64_t s_c,
+    const std::array<float, 3>& mean, const std::array<float, 3>& inv_std, const float* lut) {
+  static const DeinterleaveMasks masks;
+  const int f = flip ? 1 : 0;
+  __m128i mk[3][3];
+  __m256 mv[3], iv[3];
+  for (int c = 0; c < 3; ++c) {
+    for (int load = 0; load < 3; ++load) {
+      mk[c][load] = _mm_load_si128(reinterpret_cast<const __m128i*>(masks.m[f][c][load]));
+    }
+    mv[c] = _mm256_set1_ps(mean[c]);
+    iv[c] = _mm256_set1_ps(inv_std[c]);
+  }
+  int64_t j = 0;
+  for (; j + 16 <= S; j += 16) {
+    // Output pixels j..j+15 read input pixels j..j+15, or S-1-j down to S-16-j under flip.
+    const uint8_t* p = src + 3 * (flip ? S - 16 - j : j);
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32));
+    for (int c = 0; c < 3; ++c) {
+      const __m128i v = _mm_or_si128(
+          _mm_or_si128(_mm_shuffle_epi8(a, mk[c][0]), _mm_shuffle_epi8(b, mk[c][1])),
+          _mm_shuffle_epi8(d, mk[c][2]));
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+      float* out = dst + c * s_c + j;
+      _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_sub_ps(lo, mv[c]), iv[c]));
+      _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_sub_ps(hi, mv[c]), iv[c]));
+    }
+  }
+  for (; j < S; ++j) {
+    const uint8_t* px = src + 3 * (flip ? S - 1 - j : j);
+    for (int c = 0; c < 3; ++c) {
+      dst[c * s_c + j] = lut[256 * c + px[c]];
+    }
+  }
+}
+
+// Whether the AVX2 row may run: the CPU has it and VIDCONV_CPU_SIMD is not "0" (the switch
+// lets tests compare both paths, and is a way out should a build misbehave somewhere).
+bool use_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  const char* env = std::getenv("VIDCONV_CPU_SIMD");
+  return has && !(env && std::strcmp(env, "0") == 0);
+}
+#endif
+
 template <typename scalar_t, bool kChannelsLast>
 void fovea_context_kernel(const uint8_t* in, const Geometry& g, const int64_t* offsets,
                           const bool* flips, const std::array<float, 3>& mean,
@@ -74,6 +155,11 @@ void fovea_context_kernel(const uint8_t* in, const Geometry& g, const int64_t* o
       uniform ? make_lut<scalar_t>(255 * area + 1, area, mean, inv_std) : std::vector<scalar_t>();
   const int64_t lut_stride = 255 * area + 1;
 
+  bool simd_rows = false;
+#ifdef VIDCONV_X86_SIMD
+  simd_rows = std::is_same_v<scalar_t, float> && !kChannelsLast && S >= 16 && use_avx2();
+#endif
+
   at::parallel_for(0, g.n * T * S, /*grain_size=*/8, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> colsum(context ? W * 3 : 0);
     for (int64_t r = begin; r < end; ++r) {
@@ -85,14 +171,24 @@ void fovea_context_kernel(const uint8_t* in, const Geometry& g, const int64_t* o
 
       // Fovea: one input row, a crop of S pixels, mirrored under flip (read backwards).
       const uint8_t* src = frame + ((oy + i) * W + ox) * 3;
-      const uint8_t* first = flip ? src + (S - 1) * 3 : src;
-      const int64_t step = flip ? -3 : 3;
-      for (int64_t c = 0; c < 3; ++c) {
-        scalar_t* dst = fovea + out_row + c * s_c;
-        const scalar_t* lut = fovea_lut.data() + 256 * c;
-        const uint8_t* p = first + c;
-        for (int64_t j = 0; j < S; ++j) {
-          dst[j * s_j] = lut[p[j * step]];
+#ifdef VIDCONV_X86_SIMD
+      if constexpr (std::is_same_v<scalar_t, float> && !kChannelsLast) {
+        if (simd_rows) {
+          fovea_row_f32_avx2(src, S, flip, fovea + out_row, s_c, mean, inv_std,
+                             fovea_lut.data());
+        }
+      }
+#endif
+      if (!simd_rows) {
+        const uint8_t* first = flip ? src + (S - 1) * 3 : src;
+        const int64_t step = flip ? -3 : 3;
+        for (int64_t c = 0; c < 3; ++c) {
+          scalar_t* dst = fovea + out_row + c * s_c;
+          const scalar_t* lut = fovea_lut.data() + 256 * c;
+          const uint8_t* p = first + c;
+          for (int64_t j = 0; j < S; ++j) {
+            dst[j * s_j] = lut[p[j * step]];
+          }
         }
       }
       if (!context) {

@@ -566,16 +566,44 @@ class ClipLoader:
         for item in items:
             if item.video not in self._bad:
                 by_video.setdefault(item.video, []).extend(item.start + o for o in offsets)
-        decoded = self._dali_batch(by_video)
+        # Clips are gathered into one uint8 batch in NumPy (small torch copies go through the
+        # intra-op thread pool, which costs milliseconds each on a busy machine), unless a
+        # decoder hands out tensors on the GPU.
+        backend_of = self._backend_of
+        on_gpu = self.device.type == "cuda"
+        batch: np.ndarray | None = None
+        if not any(backend_of.get(it.video) == "dali-gpu"
+                   or (on_gpu and backend_of.get(it.video) == "dali-jpeg") for it in items):
+            size = self.spec.frame_size
+            batch = np.empty((len(items), len(offsets), size, size, 3), dtype=np.uint8)
+        # A prepared video with one clip in the batch is decoded straight into its slot.
+        slot_of: dict[int, int] = {}
+        if batch is not None and self._cache is None:
+            for k, item in enumerate(items):
+                slot_of[item.video] = -1 if item.video in slot_of else k
+        filled: set[int] = set()
+        decoded: dict[int, tuple[np.ndarray | torch.Tensor, dict[int, int]]] = \
+            self._dali_batch(by_video)
         for index, needed in by_video.items():
             if index in decoded or index in self._bad:
                 continue
             try:
-                decoded[index] = self._video_frames(index, needed)
+                slot = slot_of.get(index, -1)
+                if slot >= 0 and backend_of[index] == "jpeg":
+                    self.source.decode_video(index, needed, out=batch[slot])
+                    filled.add(slot)
+                else:
+                    decoded[index] = self._video_frames(index, needed)
             except DecodeError as exc:
                 self._skip(index, exc.reason, "decode")
-        clips, kept = [], []
-        for item in items:
+        clips: list[np.ndarray | torch.Tensor] = []
+        kept, slots = [], []
+        for k, item in enumerate(items):
+            if k in filled:
+                clips.append(batch[k])
+                kept.append(item)
+                slots.append(k)
+                continue
             if item.video not in decoded:
                 continue
             frames, where = decoded[item.video]
@@ -589,14 +617,22 @@ class ClipLoader:
                                f"the clip spans ({self.spec.span})", "decode")
                     continue
             rows = [where[start + o] for o in offsets]
-            clips.append(frames[rows])
+            first = rows[0]
+            # Consecutive rows (every clip of a dense spec) are a slice: no index array.
+            picked = slice(first, first + len(rows)) \
+                if rows == list(range(first, first + len(rows))) else rows
+            if batch is not None and isinstance(frames, np.ndarray):
+                batch[k] = frames[picked]
+                clips.append(batch[k])
+                slots.append(k)
+            else:
+                clips.append(frames[picked])
             kept.append(item)
         if not kept:
             return None
-        if all(isinstance(c, np.ndarray) for c in clips):
-            # Gathering in NumPy: small torch copies go through the intra-op thread pool,
-            # which costs milliseconds each on a busy machine.
-            clips_u8 = torch.from_numpy(np.stack(clips)).to(self.device)
+        if batch is not None and len(slots) == len(clips):
+            picked_batch = batch if len(slots) == len(items) else batch[slots]
+            clips_u8 = torch.from_numpy(picked_batch).to(self.device)
         else:
             clips_u8 = torch.stack([torch.as_tensor(c).to(self.device) for c in clips])
         off = torch.tensor([it.offset for it in kept], dtype=torch.int64, device=self.device)

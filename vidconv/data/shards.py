@@ -16,11 +16,12 @@ order. Any WebDataset reader sees sample ``KEY`` with fields ``json`` and ``0000
 :class:`PreparedSource` is the random-access reader behind :func:`vidconv.data.open_source`:
 it presents the prepared videos like a video source (same order, same labels), so
 :class:`~vidconv.data.ClipLoader` samples clips, views and shards by exactly the rules it uses
-for video files and decodes only the JPEG frames a clip needs (``pread`` at offsets from the
-frame table). Shards may be local files or, with ``shards=``, URLs (``http(s)://``,
-``file://``) or ``pipe:COMMAND`` (the command writes the shard to stdout, as in WebDataset):
-a remote shard is copied once, atomically, into a local cache the first time one of its frames
-is needed, so each rank only fetches the shards holding the videos it reads; with ``per_node``
+for video files and decodes only the JPEG frames a clip needs (one ``pread`` for a clip's
+frames, at offsets from the frame table, decoded straight into the loader's batch). Shards
+may be local files or, with ``shards=``, URLs (``http(s)://``, ``file://``) or
+``pipe:COMMAND`` (the command writes the shard to stdout, as in WebDataset): a remote shard is
+copied once, atomically, into a local cache the first time one of its frames is needed, so
+each rank only fetches the shards holding the videos it reads; with ``per_node``
 (``VIDCONV_SHARDS_PER_NODE=1``) each node of a multi-node run reads only its part of the shard
 list, split among its ranks.
 
@@ -72,6 +73,8 @@ REPORT_NAME = "report.json"
 # VideoInfo.codec of a prepared video: tells the loader to read JPEG frames, not a container.
 PREPARED_CODEC = "jpeg-frames"
 REMOTE_PREFIXES = ("http://", "https://", "file://", "pipe:")
+# Frames of one video less than this many bytes apart are fetched with one read.
+_READ_GAP = 64 << 10
 
 
 def shard_name(number: int) -> str:
@@ -120,37 +123,54 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def decode_jpeg(data: bytes, out: np.ndarray | None = None) -> np.ndarray:
+def decode_jpeg(data: bytes | memoryview, out: np.ndarray | None = None) -> np.ndarray:
     """A JPEG as uint8 RGB ``(H, W, 3)``, decoded into ``out`` when given (a C-contiguous
     uint8 array of that shape: saves a copy per frame).
 
     Raises:
         ValueError: the bytes are not a decodable JPEG, or not of ``out``'s shape.
     """
-    sj = _simplejpeg()
+    return _decode_jpeg(_simplejpeg(), data, out)
+
+
+def _decode_jpeg(sj: Any, data: bytes | memoryview, out: np.ndarray | None) -> np.ndarray:
+    """:func:`decode_jpeg` with the library already chosen (``sj``: simplejpeg or None for
+    Pillow), so that a clip's frames look it up once."""
     try:
         if sj is not None:
-            if out is not None:
-                h, w = sj.decode_jpeg_header(data)[:2]
-                if (h, w, 3) != out.shape:
-                    raise ValueError(f"image is {h}x{w}, expected {out.shape[0]}x"
-                                     f"{out.shape[1]}")
-                return sj.decode_jpeg(data, colorspace="RGB", buffer=out)
-            return sj.decode_jpeg(data, colorspace="RGB")
+            if out is None:
+                return sj.decode_jpeg(data, colorspace="RGB")
+            # simplejpeg fills the buffer's first H*W*3 bytes with whatever size the image
+            # has (and refuses a buffer too small for it): the shape is checked after, which
+            # spares parsing every header twice.
+            rgb = sj.decode_jpeg(data, colorspace="RGB", buffer=out)
+            if rgb.shape != out.shape:
+                raise _WrongSize(rgb.shape, out.shape)
+            return out
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except _WrongSize as exc:
+        raise ValueError(str(exc)) from None
     except Exception as exc:  # both libraries raise several kinds for corrupt data
+        if sj is not None and out is not None and "too small" in str(exc):
+            h, w = sj.decode_jpeg_header(data)[:2]
+            raise ValueError(str(_WrongSize((h, w, 3), out.shape))) from None
         raise ValueError(f"not a decodable JPEG ({type(exc).__name__}: {exc})") from exc
     if out is None:
         return rgb
     if rgb.shape != out.shape:
-        raise ValueError(f"not a decodable JPEG of {out.shape[0]}x{out.shape[1]} (image is "
-                         f"{rgb.shape[0]}x{rgb.shape[1]})")
+        raise ValueError(str(_WrongSize(rgb.shape, out.shape)))
     out[...] = rgb
     return out
+
+
+class _WrongSize(Exception):
+    def __init__(self, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
+        super().__init__(f"not a decodable JPEG of {expected[0]}x{expected[1]} (image is "
+                         f"{got[0]}x{got[1]})")
 
 
 # ------------------------------------------------------------------------- shard locations
@@ -639,6 +659,12 @@ class PreparedSource:
             DecodeError: the shard is cut short or the bytes changed (naming shard, sample and
                 frame); FileNotFoundError: the shard is missing.
         """
+        return [bytes(v) for v in self._frame_data(index, frames)]
+
+    def _frame_data(self, index: int, frames: Sequence[int] | None) -> list[memoryview]:
+        """:meth:`read_frames` as views into as few reads as the frames' layout allows: the
+        frames of a clip lie one after another in the shard (tar headers between), so a clip
+        costs one ``pread`` instead of one per frame."""
         s = self._samples[index]
         try:
             table = self._table(s["shard"])[s["key"]]
@@ -648,35 +674,61 @@ class PreparedSource:
             raise DecodeError(self.videos[index].path, f"sample {s['key']} is missing from the "
                               f"frame table {self._tables[s['shard']]}") from exc
         path = self._local_shard(s["shard"])
-        wanted = range(len(table)) if frames is None else frames
-        out = []
+        count = len(table)
+        wanted = range(count) if frames is None else list(frames)
+        entries = []
+        for i in wanted:
+            if not 0 <= i < count:
+                raise DecodeError(self.videos[index].path, f"has no frame {i} ({count} frames)")
+            entries.append(table[i])
+        # Runs of frames close together in the file, each read at once: a gap up to
+        # _READ_GAP bytes is read through rather than paid for with another system call.
+        order = sorted(range(len(entries)), key=lambda k: entries[k][0])
+        runs: list[list[int]] = []
+        run_end = 0
+        for k in order:
+            offset, size, _ = entries[k]
+            if runs and offset - run_end <= _READ_GAP:
+                runs[-1].append(k)
+                run_end = max(run_end, offset + size)
+            else:
+                runs.append([k])
+                run_end = offset + size
+        out: list[memoryview] = [memoryview(b"")] * len(entries)
         fd = os.open(path, os.O_RDONLY)
         try:
-            for i in wanted:
-                if not 0 <= i < len(table):
-                    raise DecodeError(self.videos[index].path,
-                                      f"has no frame {i} ({len(table)} frames)")
-                offset, size, crc = table[i]
-                data = os.pread(fd, size, offset)
-                if len(data) != size or zlib.crc32(data) != crc:
-                    what = "is cut short" if len(data) != size else "does not match its CRC-32"
-                    raise DecodeError(self.videos[index].path,
-                                      f"frame {i} of sample {s['key']} ({s['source']}) in shard "
-                                      f"{self._shards[s['shard']]} {what}: the shard is damaged")
-                out.append(data)
+            for run in runs:
+                lo = entries[run[0]][0]
+                hi = max(entries[k][0] + entries[k][1] for k in run)
+                data = memoryview(os.pread(fd, hi - lo, lo))
+                for k in run:
+                    offset, size, _ = entries[k]
+                    out[k] = data[offset - lo:offset - lo + size]
         finally:
             os.close(fd)
+        for k, i in enumerate(wanted):
+            size, crc = entries[k][1], entries[k][2]
+            if len(out[k]) != size or zlib.crc32(out[k]) != crc:
+                what = "is cut short" if len(out[k]) != size else "does not match its CRC-32"
+                raise DecodeError(self.videos[index].path,
+                                  f"frame {i} of sample {s['key']} ({s['source']}) in shard "
+                                  f"{self._shards[s['shard']]} {what}: the shard is damaged")
         return out
 
     def decode_video(self, index: int, frames: Sequence[int] | None = None,
-                     device: Any = None) -> Any:
+                     device: Any = None, out: np.ndarray | None = None) -> Any:
         """Frames of video ``index`` as uint8 ``(K, S, S, 3)``: a NumPy array decoded on the
         CPU (``device`` None), or a torch tensor decoded by DALI on ``device``.
 
+        Args:
+            out: for CPU decoding, a C-contiguous uint8 ``(K, S, S, 3)`` array to decode into
+                (returned): the loader passes its batch's slot, which saves a copy per clip.
+
         Raises:
             DecodeError: damaged bytes or an undecodable frame (named).
+            ValueError: ``out`` of the wrong shape, dtype or layout.
         """
-        blobs = self.read_frames(index, frames)
+        blobs = self._frame_data(index, frames)
         if device is not None:
             key = str(device)
             with self._lock:
@@ -684,12 +736,21 @@ class PreparedSource:
                 if dec is None:
                     dec = self._dali[key] = DaliJpegDecoder(device)
             return dec.decode(blobs, name=str(self.videos[index].path))
-        out = np.empty((len(blobs), self.frame_size, self.frame_size, 3), dtype=np.uint8)
+        shape = (len(blobs), self.frame_size, self.frame_size, 3)
+        if out is None:
+            out = np.empty(shape, dtype=np.uint8)
+        elif out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous uint8 array of shape {shape}, got "
+                             f"{out.dtype} {out.shape}"
+                             + ("" if out.flags.c_contiguous else " (not contiguous)"))
+        sj = _simplejpeg()
+        numbers = range(len(blobs)) if frames is None else list(frames)
         for k, data in enumerate(blobs):
             try:
-                decode_jpeg(data, out[k])
+                _decode_jpeg(sj, data, out[k])
             except ValueError as exc:
-                raise DecodeError(self.videos[index].path, f"frame {k}: {exc}") from exc
+                number = numbers[k]
+                raise DecodeError(self.videos[index].path, f"frame {number}: {exc}") from exc
         return out
 
 
