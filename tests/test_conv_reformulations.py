@@ -524,3 +524,37 @@ def test_cuda_dgrad_kernels_match_reference(layer, dtype):
     assert any(n.startswith("dgrad_as_fwd_fused_") for n in names)
     for name in names:
         _check(name, "input_grad", x, w, b, layer["stride"], layer["padding"])
+
+
+# ---- the benchmark times them --------------------------------------------------------------------
+
+
+def test_conv_benchmark_times_the_reformulations():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("bench_conv", bench / "conv.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_conv"] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+        del sys.modules["bench_conv"]
+    device = torch.device("cpu")
+    conv1 = module.Layer(3, 8, (1, 11, 11), (1, 3, 3), (0, 0, 0), (1, 29, 29))
+    conv2 = module.Layer(8, 16, (1, 5, 5), (1, 1, 1), (0, 2, 2), (1, 9, 9))
+    r1 = module.bench_layer(conv1, 1, device, torch.float32, list(conv_algos.DIRECTIONS), 0, 1)
+    r2 = module.bench_layer(conv2, 1, device, torch.float32, ["input_grad"], 0, 1)
+    for direction in conv_algos.DIRECTIONS:
+        timed = {n for n in r1["ms"][direction] if n.startswith("s2d_")}
+        assert {"s2d_conv3d_cl", "s2d_conv2d_frames_cl"} <= timed, r1["ms"][direction]
+        assert all(r1["rel_diff"][direction][n] < 1e-4 for n in timed)
+    assert {"dgrad_as_fwd_conv3d_cl", "dgrad_as_fwd_conv2d_frames_cl"} <= set(
+        r2["ms"]["input_grad"])
+    assert conv_algos.runs_hand_written_kernel("s2d_fused_64x64")
+    assert conv_algos.runs_hand_written_kernel("dgrad_as_fwd_fused_sm90_128x128x64")
+    assert not conv_algos.runs_hand_written_kernel("s2d_conv3d_cl")

@@ -630,6 +630,22 @@ def _reformulations(base: Sequence[Algorithm]) -> list[Algorithm]:
             + [_dgrad_as_forward(*e) for e in conv3d + frames + kernels])
 
 
+REFORMULATION_PREFIXES = ("s2d_", "dgrad_as_fwd_")
+
+
+def is_reformulation(name: str) -> bool:
+    """Whether candidate `name` rearranges the problem (space-to-depth, dgrad as forward)."""
+    return name.startswith(REFORMULATION_PREFIXES)
+
+
+def runs_hand_written_kernel(name: str) -> bool:
+    """Whether candidate `name` runs one of vidconv's own CUDA kernels (rather than ATen's)."""
+    base = name
+    for prefix in REFORMULATION_PREFIXES:
+        base = base.removeprefix(prefix)
+    return base.startswith("fused_")
+
+
 def _always(_: Problem) -> bool:
     return True
 
