@@ -32,6 +32,8 @@ CL3 = torch.channels_last_3d
 @pytest.fixture(autouse=True)
 def fresh_plan(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VIDCONV_CACHE_DIR", str(tmp_path_factory.mktemp("conv-plan")))
+    # float32 on CUDA is compared with float64: no TF32 in cuDNN's reference or candidates.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     clear_conv_plan()
     yield
     clear_conv_plan()
@@ -262,8 +264,6 @@ AWKWARD_STRIDED = _awkward_strided(24, seed=11)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("layer", AWKWARD_STRIDED, ids=_ids(AWKWARD_STRIDED))
 def test_s2d_matches_reference_on_awkward_shapes(device, layer, dtype):
-    if device == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
     for x_format in (torch.contiguous_format, CL3):
         x, w, b = _tensors(layer, device=device, dtype=dtype, x_format=x_format, n=2, seed=3)
         for direction in conv_algos.DIRECTIONS:
@@ -345,8 +345,6 @@ AWKWARD_STRIDE1 = _awkward_stride1(16, seed=4)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("layer", AWKWARD_STRIDE1, ids=_ids(AWKWARD_STRIDE1))
 def test_dgrad_as_forward_matches_reference_on_awkward_shapes(device, layer, dtype):
-    if device == "cuda":
-        torch.backends.cudnn.allow_tf32 = False
     for x_format in (torch.contiguous_format, CL3):
         x, w, b = _tensors(layer, device=device, dtype=dtype, x_format=x_format, n=2, seed=5)
         names = _applying(DGRAD, "input_grad", x, w, layer["stride"], layer["padding"])
@@ -505,7 +503,6 @@ _KERNEL_ENGINES = [n for n in S2D + DGRAD if "fused" in n]
 @pytest.mark.parametrize("layer", PAPER_CONV1 + AWKWARD_STRIDED[:8],
                          ids=_ids(PAPER_CONV1 + AWKWARD_STRIDED[:8]))
 def test_cuda_s2d_kernels_match_reference(layer, dtype):
-    torch.backends.cudnn.allow_tf32 = False
     x, w, b = _tensors(layer, device="cuda", dtype=dtype, x_format=CL3, n=2)
     names = _applying(S2D, "forward", x, w, layer["stride"], layer["padding"])
     assert any(n.startswith("s2d_fused_") for n in names)
@@ -518,7 +515,6 @@ def test_cuda_s2d_kernels_match_reference(layer, dtype):
 @pytest.mark.parametrize("layer", PAPER_STRIDE1 + AWKWARD_STRIDE1[:8],
                          ids=_ids(PAPER_STRIDE1 + AWKWARD_STRIDE1[:8]))
 def test_cuda_dgrad_kernels_match_reference(layer, dtype):
-    torch.backends.cudnn.allow_tf32 = False
     x, w, b = _tensors(layer, device="cuda", dtype=dtype, x_format=CL3, n=2)
     names = _applying(DGRAD, "input_grad", x, w, layer["stride"], layer["padding"])
     assert any(n.startswith("dgrad_as_fwd_fused_") for n in names)
