@@ -6,15 +6,19 @@ For each layer shape and each direction (forward conv + bias + ReLU, input gradi
 gradient) every candidate of vidconv.ops.conv_algos that applies is timed on the same
 channels_last_3d tensors (the layout the models run in): ATen's conv3d in NCDHW and
 channels_last_3d (cuDNN / oneDNN), the exact 2D reformulations (frames folded into the batch,
-frames stacked along channels), and on CUDA each tile configuration of the hand-written
-implicit-GEMM kernel. Each one's output is compared with the reference (ATen conv3d) first.
+frames stacked along channels), the rearranged problems (``s2d_*``: space-to-depth of the
+spatially strided conv1; ``dgrad_as_fwd_*``: the input gradient of stride-1 layers as a forward
+convolution), and on CUDA each tile configuration of the hand-written implicit-GEMM kernels,
+also as engines of those rearranged problems. Each one's output is compared with the reference
+(ATen conv3d) first.
 
 Reported per layer and direction: every candidate's time and TFLOP/s, the candidate
 st_conv3d's planner chose for that layer (``VIDCONV_CONV_ALGO=auto``, tuned in this run unless
 the plan cache already has it), and two ratios: "x ATen" = time of the best ATen-only candidate
-(everything but the fused kernel) / time of the chosen one, and "x plain" = plain PyTorch
-(``aten``: F.conv3d on the tensors as given) / chosen. "x ATen" below 1 would mean the planner
-chose a slower candidate than it could have (timing noise on a shared machine does that).
+(everything but the hand-written kernels) / time of the chosen one, and "x plain" = plain
+PyTorch (``aten``: F.conv3d on the tensors as given) / chosen. "x ATen" below 1 would mean the
+planner chose a slower candidate than it could have (timing noise on a shared machine does that).
+"reform." names the fastest rearranged candidate where one applies, with plain / its time.
 
 On a CPU it runs a reduced check (float32, batch 1, multires shapes only unless --models is
 given, few repeats) and labels every number with the CPU it ran on. `--quick` asks for that
@@ -226,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
                   "candidates_rel_diff": r["rel_diff"], "chosen": r["chosen"]}
         for direction in directions:
             ms = {n: t for n, t in r["ms"][direction].items() if t == t}  # drop NaN (failed)
-            aten_only = {n: t for n, t in ms.items() if not n.startswith("fused_")}
+            aten_only = {n: t for n, t in ms.items()
+                         if not conv_algos.runs_hand_written_kernel(n)}
+            reform = {n: t for n, t in ms.items() if conv_algos.is_reformulation(n)}
+            best_reform = min(reform, key=reform.get) if reform else None
             best_aten = min(aten_only, key=aten_only.get)
             chosen = r["chosen"][direction]
             chosen_ms = ms.get(chosen, float("nan"))
@@ -235,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "best_aten_ms": aten_only[best_aten],
                                  "x_best_aten": aten_only[best_aten] / chosen_ms,
                                  "x_plain": ms[conv_algos.REFERENCE] / chosen_ms,
-                                 "tflops": tflops}
+                                 "tflops": tflops, "best_reformulation": best_reform,
+                                 "best_reformulation_ms": reform.get(best_reform),
+                                 "reformulation_x_plain": (ms[conv_algos.REFERENCE]
+                                                           / reform[best_reform]
+                                                           if best_reform else None)}
             rows.append({
                 "layer": uses[0] + (f" (+{len(uses) - 1})" if len(uses) > 1 else ""),
                 "dir": SHORT[direction],
@@ -249,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                 "best ATen": best_aten,
                 "x ATen": aten_only[best_aten] / chosen_ms,
                 "x plain": ms[conv_algos.REFERENCE] / chosen_ms,
+                "reform.": (f"{best_reform} x{ms[conv_algos.REFERENCE] / reform[best_reform]:.2f}"
+                            if best_reform else "-"),
                 "all (ms)": " ".join(f"{n}={t:.3g}" for n, t in sorted(ms.items(),
                                                                         key=lambda i: i[1])),
             })

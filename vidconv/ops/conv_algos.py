@@ -26,6 +26,19 @@ channels-last can pay off, so those candidates stay.
 - ``fused_sm90_<tile>`` (CUDA, float16/bfloat16, forward): the Hopper wgmma kernel,
   ``torch.ops.vidconv.st_conv3d_fused_sm90``, offered only on a compute capability 9.0 device
   with an extension built for ``9.0a`` and within the kernel's shape limits.
+- ``s2d_<engine>`` (spatial stride > 1, at most 16 input channels: the paper's conv1): the
+  input rearranged space-to-depth in stride-sized blocks (``C * sh * sw`` channels, rounded up
+  to 8 on CUDA) and the weight into ``ceil(k / s)`` taps per spatial axis, zero-padded, so the
+  layer becomes a stride-1 convolution without spatial padding, run by an engine: ATen 3D
+  (``conv3d_ncdhw``, ``conv3d_cl``), the 2D folds (``conv2d_frames_*``, ``conv2d_stacked_*``,
+  where they apply to the layer's time axis), and on CUDA every hand-written kernel
+  (``s2d_fused_<tile>``, ``s2d_fused_sm90_<tile>``, forward only, within their limits on the
+  rearranged problem). The gradients (ATen engines) are the rearranged problem's, mapped back.
+- ``dgrad_as_fwd_<engine>`` (input gradient of stride-1 layers with padding below the kernel
+  extent: conv2-conv5): the input gradient is the forward convolution of the (ReLU-masked)
+  output gradient with the weight flipped along all three axes and transposed (C <-> K),
+  padding ``k - 1 - p``; run by ATen 3D in either layout, the frame fold (extent 1), and on
+  CUDA every hand-written kernel (``dgrad_as_fwd_fused_<tile>``, ``..._fused_sm90_<tile>``).
 
 All are exact reformulations: they differ from the reference only in summation order. Forward
 functions return the op's documented output layout (``out_format``), gradient functions the
@@ -36,7 +49,7 @@ fake kernel reports. Layout conversions are part of each algorithm's measured co
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -372,6 +385,268 @@ def _fused_sm90_algorithms() -> list[Algorithm]:
     return [Algorithm(f"fused_sm90_{tile}", _sm90_applies, forward)]
 
 
+# ---- spatial stride s as stride 1: space-to-depth (the paper's conv1) ------------------------
+#
+# A stride-(sh, sw) convolution reads the zero-padded input xp at rows oh*sh + i. Writing the tap
+# i = qi*sh + ri (qi < ceil(kh/sh), ri < sh) makes that row (oh + qi)*sh + ri: block oh + qi,
+# phase ri. So with X'[n, (c, ri, rj), t, u, v] = xp[n, c, t, u*sh + ri, v*sw + rj] and
+# W'[k, (c, ri, rj), a, qi, qj] = w[k, c, a, qi*sh + ri, qj*sw + rj] (zero where the tap is past
+# kh or kw), y = conv(X', W') at spatial stride 1 and no spatial padding; time is untouched
+# (stride st, padding pt). Every product of the original sum appears once; the added terms are
+# exact zeros (for finite x: an inf under a zero tap would give NaN, which the planner's check
+# rejects). C*sh*sw channels are rounded up to 8 with zeros on CUDA, where the tensor-core
+# kernels read 8-channel vectors (the fused kernels would otherwise pad a copy themselves).
+
+# Space-to-depth only pays where the channel vectors are short: conv1's C = 3 fills 3 of 8 lanes.
+S2D_MAX_CHANNELS = 16
+_S2D_CHANNEL_MULTIPLE = 8
+
+
+def _s2d_applies(p: Problem) -> bool:
+    return max(p.stride[1:]) > 1 and p.c <= S2D_MAX_CHANNELS
+
+
+@dataclass(frozen=True)
+class _S2DGeometry:
+    """Block sizes of one space-to-depth problem (spatial axes only)."""
+
+    block: tuple[int, int]  # (sh, sw)
+    taps: tuple[int, int]  # ceil(kh / sh), ceil(kw / sw)
+    blocks: tuple[int, int]  # output size + taps - 1, along H and W
+    padding: tuple[int, int]  # the original (ph, pw)
+    channels: int  # C * sh * sw
+    padded_channels: int  # rounded up to 8 on CUDA
+
+
+def _s2d_geometry(c: int, hw: Sequence[int], khw: Sequence[int], stride: Sequence[int],
+                  padding: Sequence[int], device_type: str) -> _S2DGeometry:
+    sh, sw = stride[1], stride[2]
+    taps = tuple(-(-k // s) for k, s in zip(khw, (sh, sw), strict=True))
+    outs = tuple((i + 2 * p - k) // s + 1
+                 for i, k, s, p in zip(hw, khw, (sh, sw), padding[1:], strict=True))
+    blocks = tuple(o + q - 1 for o, q in zip(outs, taps, strict=True))
+    cs = c * sh * sw
+    mult = _S2D_CHANNEL_MULTIPLE if device_type == "cuda" else 1
+    return _S2DGeometry((sh, sw), taps, blocks, (padding[1], padding[2]), cs,  # type: ignore
+                        -(-cs // mult) * mult)
+
+
+def _geometry_of(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> _S2DGeometry:
+    return _s2d_geometry(x.shape[1], x.shape[3:], weight.shape[3:], stride, padding,
+                         x.device.type)
+
+
+def _s2d_problem(p: Problem, fmt_name: str) -> Problem:
+    """The stride-1 problem the space-to-depth candidates hand to an engine."""
+    g = _s2d_geometry(p.c, (p.h, p.w), p.kernel[1:], p.stride, p.padding, p.device_type)
+    return replace(p, x_format=fmt_name, w_format=fmt_name, c=g.padded_channels, h=g.blocks[0],
+                   w=g.blocks[1], kernel=(p.kernel[0], *g.taps), stride=(p.stride[0], 1, 1),
+                   padding=(p.padding[0], 0, 0))
+
+
+def _padded_extent(g: _S2DGeometry) -> tuple[int, int]:
+    return g.blocks[0] * g.block[0], g.blocks[1] * g.block[1]
+
+
+def _read_window(x: torch.Tensor, g: _S2DGeometry) -> tuple[int, int]:
+    """How many rows and columns of x the whole blocks cover (the rest is never read)."""
+    ph, pw = g.padding
+    hp, wp = _padded_extent(g)
+    return max(0, min(x.shape[3], hp - ph)), max(0, min(x.shape[4], wp - pw))
+
+
+def space_to_depth(x: torch.Tensor, g: _S2DGeometry, fmt: torch.memory_format) -> torch.Tensor:
+    """(N, C, T, H, W) -> (N, Cp, T, Hb, Wb): channel (c, ri, rj) of block (u, v) is padded x's
+    pixel (u*sh + ri, v*sw + rj); channels past C*sh*sw are zero. Laid out in `fmt`."""
+    n, c, t = x.shape[:3]
+    (sh, sw), (hb, wb) = g.block, g.blocks
+    hp, wp = _padded_extent(g)
+    ph, pw = g.padding
+    rows, cols = _read_window(x, g)
+    xp = x.new_zeros((n, c, t, hp, wp))
+    xp[..., ph:ph + rows, pw:pw + cols] = x[..., :rows, :cols]
+    x7 = xp.view(n, c, t, hb, sh, wb, sw)
+    cs, cp = g.channels, g.padded_channels
+    if fmt == _CL3:
+        out = x.new_empty((n, t, hb, wb, cp))
+        out[..., :cs].view(n, t, hb, wb, c, sh, sw).copy_(x7.permute(0, 2, 3, 5, 1, 4, 6))
+        out[..., cs:].zero_()
+        return out.permute(0, 4, 1, 2, 3)
+    out = x.new_empty((n, cp, t, hb, wb))
+    out[:, :cs].view(n, c, sh, sw, t, hb, wb).copy_(x7.permute(0, 1, 4, 6, 2, 3, 5))
+    out[:, cs:].zero_()
+    return out
+
+
+def depth_to_space_grad(gx: torch.Tensor, g: _S2DGeometry, x: torch.Tensor) -> torch.Tensor:
+    """The gradient of x from the gradient of space_to_depth(x) (the adjoint: padding and the
+    zero channels dropped, pixels never read get zero), laid out like x."""
+    n, c, t = x.shape[:3]
+    (sh, sw), (hb, wb) = g.block, g.blocks
+    ph, pw = g.padding
+    rows, cols = _read_window(x, g)
+    gp = (gx[:, :g.channels].reshape(n, c, sh, sw, t, hb, wb).permute(0, 1, 4, 5, 2, 6, 3)
+          .reshape(n, c, t, hb * sh, wb * sw))
+    out = torch.zeros_like(x)
+    out[..., :rows, :cols] = gp[..., ph:ph + rows, pw:pw + cols]
+    return laid_out_like(out, x)
+
+
+def s2d_weight(weight: torch.Tensor, g: _S2DGeometry, fmt: torch.memory_format) -> torch.Tensor:
+    """(K, C, kt, kh, kw) -> (K, Cp, kt, ceil(kh/sh), ceil(kw/sw)), channels as space_to_depth's:
+    tap (qi, qj) of channel (c, ri, rj) is the original tap (qi*sh + ri, qj*sw + rj), or zero."""
+    k, c, kt, kh, kw = weight.shape
+    (sh, sw), (qh, qw) = g.block, g.taps
+    wp = weight.new_zeros((k, c, kt, qh * sh, qw * sw))
+    wp[..., :kh, :kw] = weight
+    w2 = wp.view(k, c, kt, qh, sh, qw, sw).permute(0, 1, 4, 6, 2, 3, 5).reshape(
+        k, g.channels, kt, qh, qw)
+    # Fresh strides: the view chain leaves odd strides on size-1 dims, which ATen's slow CPU
+    # path (float64) refuses for a weight gradient.
+    out = torch.empty((k, g.padded_channels, kt, qh, qw), dtype=weight.dtype,
+                      device=weight.device, memory_format=fmt)
+    out[:, :g.channels] = w2
+    out[:, g.channels:] = 0
+    return out
+
+
+def s2d_weight_grad_back(gw: torch.Tensor, g: _S2DGeometry, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient of the original weight from that of s2d_weight(weight), laid out like it."""
+    k, c, kt, kh, kw = weight.shape
+    (sh, sw), (qh, qw) = g.block, g.taps
+    full = (gw[:, :g.channels].reshape(k, c, sh, sw, kt, qh, qw).permute(0, 1, 4, 5, 2, 6, 3)
+            .reshape(k, c, kt, qh * sh, qw * sw))
+    return laid_out_like(full[..., :kh, :kw], weight)
+
+
+def _s2d_conv_args(x, weight, stride, padding, fmt):
+    g = _geometry_of(x, weight, stride, padding)
+    return (g, space_to_depth(x, g, fmt), s2d_weight(weight, g, fmt), (stride[0], 1, 1),
+            (padding[0], 0, 0))
+
+
+def _s2d(tag: str, engine: Algorithm, fmt: torch.memory_format,
+         engine_applies: Callable[[Problem, Problem], bool]) -> Algorithm:
+    """`engine` (an algorithm of the stride-1 problem) run on the space-to-depth problem."""
+    fmt_name = "channels_last_3d" if fmt == _CL3 else "contiguous"
+
+    def forward(x, weight, bias, stride, padding, relu, out_format):
+        _, x2, w2, stride2, padding2 = _s2d_conv_args(x, weight, stride, padding, fmt)
+        return engine.forward(x2, w2, bias, stride2, padding2, relu, out_format)
+
+    def input_grad(grad, x, weight, stride, padding):
+        g, x2, w2, stride2, padding2 = _s2d_conv_args(x, weight, stride, padding, fmt)
+        return depth_to_space_grad(engine.input_grad(grad, x2, w2, stride2, padding2), g, x)
+
+    def weight_grad(grad, x, weight, stride, padding):
+        g, x2, w2, stride2, padding2 = _s2d_conv_args(x, weight, stride, padding, fmt)
+        gw2 = engine.weight_grad(grad, x2, w2, stride2, padding2)
+        return s2d_weight_grad_back(gw2, g, weight)
+
+    def applies(p: Problem) -> bool:
+        return _s2d_applies(p) and engine_applies(p, _s2d_problem(p, fmt_name))
+
+    return Algorithm(f"s2d_{tag}", applies, forward,
+                     input_grad if engine.input_grad is not None else None,
+                     weight_grad if engine.weight_grad is not None else None)
+
+
+# ---- input gradient as a forward convolution (stride-1 layers) --------------------------------
+#
+# At stride 1, y[o] = sum_i w[i] xp[o + i], so dx[h] = sum_o g[o] w[h + p - o]: with the tap
+# j = k - 1 - (h + p - o), dx = conv(g, w~) with w~[c, k, j] = w[k, c, k - 1 - j] (the weight
+# transposed C <-> K and flipped along all three axes) and padding k - 1 - p, which gives back
+# x's size. It is therefore a forward problem (C' = K, K' = C) that every forward engine runs,
+# the hand-written kernels included. The ReLU mask is applied by the op before any input-grad
+# candidate (one elementwise pass, shared by all of them).
+
+
+def _dgrad_applies(p: Problem) -> bool:
+    return p.stride == (1, 1, 1) and all(pd <= k - 1 for pd, k in zip(p.padding, p.kernel,
+                                                                       strict=True))
+
+
+def _dgrad_padding(weight: torch.Tensor, padding: Sequence[int]) -> tuple[int, int, int]:
+    return tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding, strict=True))  # type: ignore
+
+
+def _fresh(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """A copy of `t` with the canonical strides of `fmt` (size-1 dims included)."""
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+    return out.copy_(t)
+
+
+def flipped_transposed(weight: torch.Tensor) -> torch.Tensor:
+    """(K, C, kt, kh, kw) -> (C, K, kt, kh, kw), reversed along the three kernel axes."""
+    return weight.flip(2, 3, 4).transpose(0, 1)
+
+
+def _dgrad_problem(p: Problem, fmt_name: str) -> Problem:
+    outs = [(i + 2 * pd - k) // s + 1 for i, k, s, pd in zip(
+        (p.t, p.h, p.w), p.kernel, p.stride, p.padding, strict=True)]
+    return replace(p, x_format=fmt_name, w_format=fmt_name, c=p.k, k=p.c, t=outs[0],
+                   h=outs[1], w=outs[2],
+                   padding=tuple(k - 1 - pd for k, pd in zip(p.kernel, p.padding, strict=True)))
+
+
+def _like_format(x: torch.Tensor) -> torch.memory_format:
+    return (_CL3 if not x.is_contiguous() and x.is_contiguous(memory_format=_CL3)
+            else torch.contiguous_format)
+
+
+def _dgrad_as_forward(tag: str, engine: Algorithm, fmt: torch.memory_format,
+                      engine_applies: Callable[[Problem, Problem], bool]) -> Algorithm:
+    """`engine`'s forward run on the input-gradient problem."""
+    fmt_name = "channels_last_3d" if fmt == _CL3 else "contiguous"
+
+    def input_grad(grad, x, weight, stride, padding):
+        w2 = _fresh(flipped_transposed(weight), fmt)
+        gx = engine.forward(grad.contiguous(memory_format=fmt), w2, None, (1, 1, 1),
+                            _dgrad_padding(weight, padding), False, _like_format(x))
+        return laid_out_like(gx, x)
+
+    def applies(p: Problem) -> bool:
+        return _dgrad_applies(p) and engine_applies(p, _dgrad_problem(p, fmt_name))
+
+    return Algorithm(f"dgrad_as_fwd_{tag}", applies, input_grad=input_grad)
+
+
+def _reformulations(base: Sequence[Algorithm]) -> list[Algorithm]:
+    """The space-to-depth and dgrad-as-forward candidates, over every engine in `base` that runs
+    their rearranged problem: ATen 3D (both layouts), the 2D folds, every hand-written kernel."""
+    contiguous = torch.contiguous_format
+    not_cpu_cl = (lambda p, q: not _cpu_channels_last(p))  # noqa: E731 - as in _conv3d_in
+    conv3d = [("conv3d_ncdhw", _conv3d_in(contiguous), contiguous, not_cpu_cl),
+              ("conv3d_cl", _conv3d_in(_CL3), _CL3, lambda p, q: True)]
+    frames = [("conv2d_frames_nchw", _frames_in(contiguous), contiguous,
+               lambda p, q: _frames_apply(q) and not _cpu_channels_last(p)),
+              ("conv2d_frames_cl", _frames_in(_CL2), _CL3, lambda p, q: _frames_apply(q))]
+    stacked = [("conv2d_stacked_nchw", _stacked_in(contiguous), contiguous,
+                lambda p, q: _stacked_apply(q) and not _cpu_channels_last(p)),
+               ("conv2d_stacked_cl", _stacked_in(_CL2), _CL3, lambda p, q: _stacked_apply(q))]
+    # Hand-written kernels (forward only): whatever tiles and variants this build offers.
+    kernels = [(a.name, a, _CL3, lambda p, q, a=a: a.applies(q)) for a in base
+               if a.name.startswith("fused_") and a.forward is not None]
+    return ([_s2d(*e) for e in conv3d + frames + stacked + kernels]
+            + [_dgrad_as_forward(*e) for e in conv3d + frames + kernels])
+
+
+REFORMULATION_PREFIXES = ("s2d_", "dgrad_as_fwd_")
+
+
+def is_reformulation(name: str) -> bool:
+    """Whether candidate `name` rearranges the problem (space-to-depth, dgrad as forward)."""
+    return name.startswith(REFORMULATION_PREFIXES)
+
+
+def runs_hand_written_kernel(name: str) -> bool:
+    """Whether candidate `name` runs one of vidconv's own CUDA kernels (rather than ATen's)."""
+    base = name
+    for prefix in REFORMULATION_PREFIXES:
+        base = base.removeprefix(prefix)
+    return base.startswith("fused_")
+
+
 def _always(_: Problem) -> bool:
     return True
 
@@ -383,6 +658,7 @@ def build_algorithms() -> dict[str, Algorithm]:
              _frames_in(torch.contiguous_format), _frames_in(_CL2),
              _stacked_in(torch.contiguous_format), _stacked_in(_CL2),
              *_fused_algorithms(), *_fused_sm90_algorithms()]
+    algos += _reformulations(algos)
     return {a.name: a for a in algos}
 
 
