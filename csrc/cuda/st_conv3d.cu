@@ -9,6 +9,7 @@
 // layer and call the fastest correct one (vidconv/ops/conv_planner.py). The backward candidates are
 // all ATen's, so there is no backward here.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -187,22 +188,42 @@ at::Tensor st_conv3d_fused_cuda(const at::Tensor& x, const at::Tensor& weight,
 // built for sm_90a, not a 9.0 device, shape) before launching anything; that becomes the error.
 at::Tensor st_conv3d_fused_sm90_cuda(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias,
-                                     at::IntArrayRef stride, at::IntArrayRef padding, bool relu) {
+                                     at::IntArrayRef stride, at::IntArrayRef padding, bool relu,
+                                     int64_t split_k) {
   check_inputs(x, weight, bias, stride, padding);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::ScalarType dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
               "st_conv3d_fused_sm90: x must be float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(split_k >= 0 && split_k <= 16,
+              "st_conv3d_fused_sm90: split_k must be 0 (automatic) or in [1, 16], got ", split_k);
   return run_fused(x, weight, bias, stride, padding, relu, conv_type(dtype),
                    [&](const cuda::StConvArgs& args, cuda::ConvType t, cudaStream_t stream) {
-                     // Stream-ordered: the allocator reuses it only after the launch.
+                     int split = static_cast<int>(split_k);
+                     if (split == 0) {
+                       split = cuda::sm90_choose_split(
+                           args, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+                     }
+                     TORCH_CHECK(cuda::sm90_check_split(args, split) == cuda::kSm90Ok,
+                                 "st_conv3d_fused_sm90: split_k must be at most the reduction's ",
+                                 cuda::sm90_reduction_tiles(args),
+                                 " 64-wide tiles (kt*kh*kw*C/64, C padded to 8) for weight ",
+                                 weight.sizes(), ", got ", split);
+                     // Stream-ordered: the allocator reuses them only after the launch.
                      const at::Tensor packed = at::empty(
                          {cuda::sm90_packed_weight_bytes(args)}, x.options().dtype(at::kByte));
-                     const int status =
-                         cuda::launch_st_conv3d_sm90(args, t, packed.data_ptr(), stream);
+                     const long long ws_bytes = cuda::sm90_workspace_bytes(args, split);
+                     at::Tensor workspace;
+                     if (ws_bytes > 0) {
+                       workspace = at::empty({ws_bytes}, x.options().dtype(at::kByte));
+                     }
+                     const int status = cuda::launch_st_conv3d_sm90(
+                         args, t, packed.data_ptr(), split,
+                         workspace.defined() ? workspace.data_ptr() : nullptr, stream);
                      TORCH_CHECK(status == cuda::kSm90Ok, "st_conv3d_fused_sm90: ",
                                  cuda::sm90_status_message(status), " (x ", x.sizes(),
-                                 ", weight ", weight.sizes(), ", device ", x.device(), ")");
+                                 ", weight ", weight.sizes(), ", split_k ", split, ", device ",
+                                 x.device(), ")");
                    });
 }
 

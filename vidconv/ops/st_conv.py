@@ -128,7 +128,7 @@ def _st_conv3d_fused_fake(x, weight, bias, stride, padding, relu, tile_config):
 
 
 @torch.library.register_fake("vidconv::st_conv3d_fused_sm90")
-def _st_conv3d_fused_sm90_fake(x, weight, bias, stride, padding, relu):
+def _st_conv3d_fused_sm90_fake(x, weight, bias, stride, padding, relu, split_k=1):
     shape = _output_shape(x, weight, stride, padding)
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last_3d)
 
