@@ -49,6 +49,12 @@ TORCH_LIBRARY(vidconv, m) {
   m.def(
       "st_conv3d_fused_sm90(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
       "bool relu, int split_k=1) -> Tensor");
+  // Two st_conv3d_fused_sm90 problems of identical sizes, each its own x, weight and bias (the
+  // multires fovea and context streams), in one launch whose work units span both.
+  m.def(
+      "st_conv3d_fused_sm90_grouped(Tensor x0, Tensor weight0, Tensor? bias0, Tensor x1, "
+      "Tensor weight1, Tensor? bias1, int[] stride, int[] padding, bool relu, int split_k=1) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

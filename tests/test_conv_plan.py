@@ -762,6 +762,18 @@ def test_sm90_op_takes_a_split_factor():
     assert "int split_k=1" in schema, schema
 
 
+def test_sm90_grouped_op_takes_two_problems():
+    schema = str(torch.ops.vidconv.st_conv3d_fused_sm90_grouped.default._schema)
+    assert "Tensor x1, Tensor weight1, Tensor? bias1" in schema and "-> (Tensor, Tensor)" in schema
+    # The fake kernel (torch.compile, meta tensors): both outputs like the single op's.
+    x = torch.empty(2, 16, 3, 9, 9, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(32, 16, 1, 3, 3, device="meta", dtype=torch.bfloat16)
+    out0, out1 = torch.ops.vidconv.st_conv3d_fused_sm90_grouped(x, w, None, x, w, None,
+                                                                [1, 1, 1], [0, 1, 1], True, 2)
+    assert out0.shape == out1.shape == (2, 32, 3, 9, 9)
+    assert out1.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def test_sm90_kernel_absent_from_a_cpu_build():
     if vidconv.build_info().has_cuda_kernels:
         pytest.skip("this build has CUDA kernels")
@@ -856,6 +868,24 @@ def test_cuda_sm90_split_k_matches_reference_and_is_deterministic(dtype):
                                                [0, 1, 1], True, 16)
     with pytest.raises(RuntimeError, match=r"split_k must be 0 \(automatic\) or in \[1, 16\]"):
         torch.ops.vidconv.st_conv3d_fused_sm90(x, w, b, [1, 1, 1], [0, 1, 1], True, 17)
+
+
+@pytest.mark.cuda
+@_sm90_only
+@pytest.mark.parametrize("split", [1, 4])
+def test_cuda_sm90_grouped_launch_equals_two_launches(split):
+    # The multires streams' shape (batch 32, 13x13 after conv2+pool, conv3 3x3): one grouped
+    # launch gives each stream exactly what its own launch gives.
+    layer = dict(n=32, c=256, k=384, ksize=(1, 3, 3), stride=(1, 1, 1), padding=(0, 1, 1),
+                 thw=(1, 13, 13))
+    x0, w0, b0 = _inputs(**layer, device="cuda", dtype=torch.bfloat16, seed=1)
+    x1, w1, b1 = _inputs(**layer, device="cuda", dtype=torch.bfloat16, seed=2)
+    args = ([1, 1, 1], [0, 1, 1], True, split)
+    out0, out1 = torch.ops.vidconv.st_conv3d_fused_sm90_grouped(x0, w0, b0, x1, w1, b1, *args)
+    assert torch.equal(out0, torch.ops.vidconv.st_conv3d_fused_sm90(x0, w0, b0, *args))
+    assert torch.equal(out1, torch.ops.vidconv.st_conv3d_fused_sm90(x1, w1, b1, *args))
+    with pytest.raises(RuntimeError, match="both problems must have the same sizes"):
+        torch.ops.vidconv.st_conv3d_fused_sm90_grouped(x0, w0, b0, x1[:1], w1, b1, *args)
 
 
 @pytest.mark.cuda

@@ -307,6 +307,35 @@ def test_sm90_split_k_host_emulation(tmp_path):
     assert ok and "split=1 " in line and "units=2 " in line, line
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build the emulator")
+def test_sm90_grouped_launch_host_emulation(tmp_path):
+    # Two problems of one shape (the multires streams) in one launch: a 3-block grid runs units
+    # of both problems in one block, each problem's tiles read its own input and weight (every
+    # stage checked against that problem), both outputs written once and right; problem 0's
+    # output is bit-identical to its launch alone (same units, same sums); with split-K the
+    # workspace and counters span both problems and the result does not depend on block order.
+    emu = _sm90_emulator()
+    exe = emu.build(tmp_path)
+    ok, line = emu.run_case(exe, tmp_path, _SPLIT_CASE, torch.float16, relu=True,
+                            has_bias=True, seed=4, grid=3)
+    assert ok, line
+    alone = (tmp_path / "out.bin").read_bytes()
+    for split, order in ((1, 0), (4, 0), (4, 1)):
+        ok, line = emu.run_case(exe, tmp_path, _SPLIT_CASE, torch.float16, relu=True,
+                                has_bias=True, seed=4, grid=3, split=split, order=order,
+                                groups=2)
+        assert ok, line
+        assert "groups=2 " in line and f"units={4 * split} " in line, line
+        if split == 1:
+            assert (tmp_path / "out.bin").read_bytes() == alone
+            assert (tmp_path / "out1.bin").read_bytes() != alone
+        elif order == 0:
+            grouped = [(tmp_path / f"out{s}.bin").read_bytes() for s in ("", "1")]
+        else:
+            assert [(tmp_path / f"out{s}.bin").read_bytes() for s in ("", "1")] == grouped
+
+
 _SPLIT_BUGS = {
     # the release fence between the consumer barrier and the counter arrival
     "no_release_fence": ("    fence_gpu();  // release: this unit's partials before its arrival\n",
@@ -321,6 +350,9 @@ _SPLIT_BUGS = {
     "slice_bound": ("  u.kt_end = static_cast<int>(static_cast<long long>(u.slice + 1) * "
                     "plan.k_tiles / plan.split_k);",
                     "  u.kt_end = u.kt_begin + plan.k_tiles / plan.split_k;", "FAIL"),
+    # a grouped launch's second problem multiplied with the first one's weight
+    "grouped_weight": ("      producer.set_problem(second.input, second.weight);",
+                       "      producer.set_problem(second.input, p.weight);", "bad_smem=[1-9]"),
 }
 
 
@@ -329,8 +361,8 @@ _SPLIT_BUGS = {
 @pytest.mark.parametrize("bug", sorted(_SPLIT_BUGS))
 def test_sm90_split_k_emulation_catches_planted_bugs(tmp_path, bug):
     # Each a race or a wrong result on the device that the emulation must fail: partials
-    # published without a fence or a barrier, read without acquiring them, or slices that miss
-    # part of the reduction.
+    # published without a fence or a barrier, read without acquiring them, slices that miss
+    # part of the reduction, a grouped launch mixing up its problems' operands.
     old, new, expect = _SPLIT_BUGS[bug]
     root = Path(__file__).resolve().parent.parent
     shutil.copytree(root / "csrc", tmp_path / "csrc")
@@ -341,7 +373,8 @@ def test_sm90_split_k_emulation_catches_planted_bugs(tmp_path, bug):
     emu = _sm90_emulator()
     exe = emu.build(tmp_path, kernel_root=tmp_path)
     ok, line = emu.run_case(exe, tmp_path, _SPLIT_CASE, torch.float16, relu=False,
-                            has_bias=True, seed=0, grid=3, split=4, order=1)
+                            has_bias=True, seed=0, grid=3, split=4, order=1,
+                            groups=2 if bug.startswith("grouped") else 1)
     assert not ok, line
     assert re.search(expect, line), line
 

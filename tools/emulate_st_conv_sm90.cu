@@ -38,11 +38,12 @@
 // every partial stored exactly once and never after its unit's arrival, none read before its
 // unit arrived, every tile counter ending at SPLIT (each unit arrived once).
 //
-// Usage: emulate_st_conv_sm90 TYPE GRID SPLIT ORDER N C T H W K kt kh kw st sh sw pt ph pw relu
-//        has_bias DIR
+// Usage: emulate_st_conv_sm90 TYPE GRID SPLIT ORDER GROUPS N C T H W K kt kh kw st sh sw pt ph pw
+//        relu has_bias DIR
 //   TYPE 1 float16, 2 bfloat16; GRID the number of persistent blocks (0: one per work unit);
 //   SPLIT the split-K factor (1: none); ORDER the order blocks run in (0 ascending, 1
-//   descending, >1 a permutation seeded by it);
+//   descending, >1 a permutation seeded by it); GROUPS 1, or 2 for a grouped launch (a second
+//   problem of the same sizes from DIR/x1.bin, w1.bin, b1.bin, written to DIR/out1.bin);
 //   C already padded to a multiple of 8. DIR/x.bin (N,T,H,W,C), DIR/w.bin (K,kt,kh,kw,C) in TYPE,
 //   DIR/b.bin float32 (K,) if has_bias. Writes DIR/out.bin (N,T',H',W',K), starting from NaN.
 #define VIDCONV_SM90_HOST_MODEL 1
@@ -88,7 +89,7 @@ struct BlockModel {
   int sync_arrived = 0;
   long long sync_generation = 0;
   // what the checker needs
-  const StConvArgs* p = nullptr;
+  const StConvArgs* p[kMaxGroup] = {nullptr, nullptr};  // per problem of the launch
   Sm90Plan plan{};
   int block = 0, grid = 1, split = 1;
   bool bf16 = true;
@@ -203,11 +204,15 @@ void check_stage(BlockModel& b, int stage, long long completion) {
   // tiles [s * k_tiles / split, (s + 1) * k_tiles / split).
   long long it = completion * kStages + stage;
   int tile = -1, kt = -1;
+  // With two problems: unit = (slice * 2 + problem) * n_tiles + tile.
+  int group = 0;
+  const int tiles_all = b.plan.groups * b.plan.n_tiles;
   for (int unit = b.block; unit < b.plan.n_units; unit += b.grid) {
-    const int slice = unit / b.plan.n_tiles;
+    const int slice = unit / tiles_all;
     const long long begin = static_cast<long long>(slice) * b.plan.k_tiles / b.split;
     const long long end = static_cast<long long>(slice + 1) * b.plan.k_tiles / b.split;
     if (it < end - begin) {
+      group = unit % tiles_all / b.plan.n_tiles;
       tile = unit % b.plan.n_tiles;
       kt = static_cast<int>(begin + it);
       break;
@@ -224,15 +229,15 @@ void check_stage(BlockModel& b, int stage, long long completion) {
   for (int row = 0; row < kBM; ++row) {
     for (int k = 0; k < kBK; ++k) {
       const int r = kt * kBK + k;
-      const T ea = im2col<T>(*b.p, m0 + row, r);
-      const T eb = weight_at<T>(*b.p, n0 + row, r);
+      const T ea = im2col<T>(*b.p[group], m0 + row, r);
+      const T eb = weight_at<T>(*b.p[group], n0 + row, r);
       bad += std::memcmp(smem_at(sw128_model_address(a, 1024, row, k), 2), &ea, 2) != 0;
       bad += std::memcmp(smem_at(sw128_model_address(bb, 1024, row, k), 2), &eb, 2) != 0;
     }
   }
   if (bad > 0 && g_bad_smem.load() == 0) {
-    fprintf(stderr, "block %d tile %d k-tile %d stage %d: %lld wrong slots\n", b.block, tile, kt,
-            stage, bad);
+    fprintf(stderr, "block %d problem %d tile %d k-tile %d stage %d: %lld wrong slots\n",
+            b.block, group, tile, kt, stage, bad);
   }
   g_bad_smem.fetch_add(bad);
 }
@@ -607,34 +612,60 @@ std::vector<T> read_file(const char* dir, const char* name, size_t count) {
   return v;
 }
 
-// The kernel's store, counting writes per element.
+// The kernel's store, counting writes per element (problem g's counters from g * count on).
 template <typename T>
 struct CountingStore {
   Sm90PairStore<T> store;
   std::vector<std::atomic<int>>* writes;
-  void operator()(int m, int col, float v0, float v1, bool has1) const {
-    store(m, col, v0, v1, has1);
-    (*writes)[static_cast<size_t>(m) * store.k + col].fetch_add(1);
-    if (has1) (*writes)[static_cast<size_t>(m) * store.k + col + 1].fetch_add(1);
+  size_t count;
+  void operator()(int group, int m, int col, float v0, float v1, bool has1) const {
+    store(group, m, col, v0, v1, has1);
+    const size_t at = group * count + static_cast<size_t>(m) * store.k + col;
+    (*writes)[at].fetch_add(1);
+    if (has1) (*writes)[at + 1].fetch_add(1);
   }
 };
 
+// One problem's tensors, read from DIR/x{suffix}.bin, w{suffix}.bin, b{suffix}.bin.
 template <typename T>
-int run(StConvArgs p, int grid_arg, int split, int order, bool has_bias, const char* dir) {
+struct Problem {
+  std::vector<T> x, w, out;
+  std::vector<float> bias;
+  std::vector<uint4> packed;
+  StConvArgs args{};
+};
+
+template <typename T>
+int run(StConvArgs p, int grid_arg, int split, int order, int groups, bool has_bias,
+        const char* dir) {
   const size_t x_count = (size_t)p.n * p.t * p.h * p.w * p.c;
   const size_t w_count = (size_t)p.k * p.kt * p.kh * p.kw * p.c;
   const size_t out_count = (size_t)p.n * p.to * p.ho * p.wo * p.k;
-  std::vector<T> x = read_file<T>(dir, "x.bin", x_count);
-  std::vector<T> w = read_file<T>(dir, "w.bin", w_count);
-  std::vector<float> bias;
-  if (has_bias) bias = read_file<float>(dir, "b.bin", p.k);
-  std::vector<T> out(out_count);
-  std::memset(out.data(), 0xFF, out_count * sizeof(T));
-  std::vector<std::atomic<int>> writes(out_count);
-  p.input = x.data();
-  p.weight = w.data();
-  p.bias = has_bias ? bias.data() : nullptr;
-  p.out = out.data();
+  if (groups < 1 || groups > kMaxGroup) {
+    fprintf(stderr, "GROUPS must be 1 or 2, got %d\n", groups);
+    return 2;
+  }
+  std::vector<Problem<T>> problems(static_cast<size_t>(groups));
+  for (int g = 0; g < groups; ++g) {
+    Problem<T>& q = problems[static_cast<size_t>(g)];
+    const char* suffix = g == 0 ? "" : "1";
+    char name[64];
+    snprintf(name, sizeof name, "x%s.bin", suffix);
+    q.x = read_file<T>(dir, name, x_count);
+    snprintf(name, sizeof name, "w%s.bin", suffix);
+    q.w = read_file<T>(dir, name, w_count);
+    snprintf(name, sizeof name, "b%s.bin", suffix);
+    if (has_bias) q.bias = read_file<float>(dir, name, p.k);
+    q.out.resize(out_count);
+    std::memset(q.out.data(), 0xFF, out_count * sizeof(T));
+    q.args = p;
+    q.args.input = q.x.data();
+    q.args.weight = q.w.data();
+    q.args.bias = has_bias ? q.bias.data() : nullptr;
+    q.args.out = q.out.data();
+  }
+  std::vector<std::atomic<int>> writes(out_count * groups);
+  p = problems[0].args;
   const ConvType type = std::is_same<T, __half>::value ? ConvType::kFloat16 : ConvType::kBFloat16;
   if (sm90_check_shape(p, type) != kSm90Ok) {
     fprintf(stderr, "shape unsupported: %s\n", sm90_status_message(sm90_check_shape(p, type)));
@@ -644,26 +675,32 @@ int run(StConvArgs p, int grid_arg, int split, int order, bool has_bias, const c
     fprintf(stderr, "split unsupported: %s\n", sm90_status_message(sm90_check_split(p, split)));
     return 4;
   }
-  const Sm90Plan plan = sm90_plan(p, split);
+  const StConvArgs group_args[kMaxGroup] = {problems[0].args, problems[groups - 1].args};
+  if (sm90_check_group(group_args, groups) != kSm90Ok) {
+    fprintf(stderr, "group unsupported\n");
+    return 4;
+  }
+  const Sm90Plan plan = sm90_plan(p, split, groups);
   const int grid = grid_arg > 0 && grid_arg < plan.n_units ? grid_arg : plan.n_units;
   // The launcher's workspace: partials (NaN: an unstored one read shows in the result), then the
   // counters, zeroed as the launcher does on the stream.
-  const long long ws_bytes = sm90_workspace_bytes(p, split);
+  const long long ws_bytes = sm90_workspace_bytes(p, split, groups);
   std::vector<uint4> workspace(static_cast<size_t>((ws_bytes + 15) / 16));
   std::memset(workspace.data(), 0xFF, workspace.size() * 16);
   Sm90SplitK ws{nullptr, nullptr};
+  const int work_tiles = groups * plan.n_tiles;
   if (split > 1) {
     ws.partials = reinterpret_cast<float*>(workspace.data());
     ws.counters = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(workspace.data()) +
                                               splitk_partial_bytes(plan));
-    std::memset(ws.counters, 0, sizeof(unsigned) * static_cast<size_t>(plan.n_tiles));
+    std::memset(ws.counters, 0, sizeof(unsigned) * static_cast<size_t>(work_tiles));
     g_ws.partials = ws.partials;
     g_ws.counters = ws.counters;
     g_ws.floats = splitk_partial_bytes(plan) / 4;
-    g_ws.tiles = plan.n_tiles;
+    g_ws.tiles = work_tiles;
     g_ws.split = split;
     g_ws.writes.assign(static_cast<size_t>(g_ws.floats), 0);
-    g_ws.released.assign(static_cast<size_t>(plan.n_tiles) * split, 0);
+    g_ws.released.assign(static_cast<size_t>(work_tiles) * split, 0);
   }
   // The order blocks run in: 0 ascending, 1 descending, else a permutation seeded by `order`.
   // Blocks run one after another, so the order decides which unit of a tile arrives last.
@@ -677,21 +714,28 @@ int run(StConvArgs p, int grid_arg, int split, int order, bool has_bias, const c
     }
   }
   // The launcher's weight repack, through the kernel's own pack_weight_vector.
-  std::vector<uint4> packed(static_cast<size_t>(packed_weight_bytes(plan) / 16));
-  std::memset(packed.data(), 0, packed.size() * 16);
-  for (int kf = 0; kf < p.k; ++kf) {
-    for (int gv = 0; gv < plan.n_vec; ++gv) {
-      pack_weight_vector(static_cast<const unsigned char*>(p.weight),
-                         reinterpret_cast<unsigned char*>(packed.data()), plan, kf, gv);
+  for (Problem<T>& q : problems) {
+    q.packed.assign(static_cast<size_t>(packed_weight_bytes(plan) / 16), uint4{0, 0, 0, 0});
+    for (int kf = 0; kf < p.k; ++kf) {
+      for (int gv = 0; gv < plan.n_vec; ++gv) {
+        pack_weight_vector(static_cast<const unsigned char*>(q.args.weight),
+                           reinterpret_cast<unsigned char*>(q.packed.data()), plan, kf, gv);
+      }
     }
   }
   StConvArgs kernel_args = p;
-  kernel_args.weight = packed.data();
-  const CountingStore<T> store{{static_cast<T*>(p.out), p.k}, &writes};
+  kernel_args.weight = problems[0].packed.data();
+  Sm90Second second{nullptr, nullptr, nullptr, nullptr};
+  if (groups > 1) {
+    const Problem<T>& q = problems[1];
+    second = {q.args.input, q.packed.data(), q.args.bias, q.args.out};
+  }
+  const CountingStore<T> store{
+      {static_cast<T*>(p.out), static_cast<T*>(second.out), p.k}, &writes, out_count};
   for (const int block : blocks) {
     BlockModel model;
     model.smem.assign(static_cast<size_t>(sm90_smem_bytes(plan.n_vec)), 0xA5);
-    model.p = &p;
+    for (int g = 0; g < groups; ++g) model.p[g] = &problems[static_cast<size_t>(g)].args;
     model.plan = plan;
     model.block = block;
     model.grid = grid;
@@ -705,7 +749,8 @@ int run(StConvArgs p, int grid_arg, int split, int order, bool has_bias, const c
     for (int tid = 0; tid < kThreads; ++tid) {
       threads.emplace_back([&, tid] {
         t_tid = tid;
-        sm90_block<T>(kernel_args, plan, model.smem.data(), tid, block, grid, ws, store);
+        sm90_block<T>(kernel_args, plan, model.smem.data(), tid, block, grid, ws, second,
+                      store);
         if (!t_pending.empty()) sync_error("thread left with wgmma in flight");
       });
     }
@@ -723,24 +768,27 @@ int run(StConvArgs p, int grid_arg, int split, int order, bool has_bias, const c
   // Every unit arrived exactly once, and stored its whole partial tile.
   long long counter_errors = 0, ws_unstored = 0;
   if (split > 1) {
-    for (int tile = 0; tile < plan.n_tiles; ++tile) {
+    for (int tile = 0; tile < work_tiles; ++tile) {
       counter_errors += ws.counters[tile] != static_cast<unsigned>(split);
     }
     for (const unsigned char w : g_ws.writes) ws_unstored += w == 0;
   }
-  char path[1024];
-  snprintf(path, sizeof path, "%s/out.bin", dir);
-  FILE* f = fopen(path, "wb");
-  if (f == nullptr || fwrite(out.data(), sizeof(T), out_count, f) != out_count) {
-    fprintf(stderr, "cannot write %s\n", path);
-    return 2;
+  for (int g = 0; g < groups; ++g) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/out%s.bin", dir, g == 0 ? "" : "1");
+    FILE* f = fopen(path, "wb");
+    const std::vector<T>& out = problems[static_cast<size_t>(g)].out;
+    if (f == nullptr || fwrite(out.data(), sizeof(T), out_count, f) != out_count) {
+      fprintf(stderr, "cannot write %s\n", path);
+      return 2;
+    }
+    fclose(f);
   }
-  fclose(f);
-  printf("tile=%s blocks=%d tiles=%d k_tiles=%d split=%d units=%d outputs=%zu bad_smem=%lld "
-         "smem_oob=%lld sync_errors=%lld unwritten=%lld rewritten=%lld ws_errors=%lld "
-         "ws_unstored=%lld counter_errors=%lld\n",
-         sm90_tile_name(), grid, plan.n_tiles, plan.k_tiles, plan.split_k, plan.n_units,
-         out_count, g_bad_smem.load(), g_oob.load(), g_sync_errors.load(), unwritten, rewritten,
+  printf("tile=%s blocks=%d tiles=%d k_tiles=%d split=%d groups=%d units=%d outputs=%zu "
+         "bad_smem=%lld smem_oob=%lld sync_errors=%lld unwritten=%lld rewritten=%lld "
+         "ws_errors=%lld ws_unstored=%lld counter_errors=%lld\n",
+         sm90_tile_name(), grid, plan.n_tiles, plan.k_tiles, plan.split_k, plan.groups,
+         plan.n_units, out_count * groups, g_bad_smem.load(), g_oob.load(), g_sync_errors.load(), unwritten, rewritten,
          g_ws_errors.load(), ws_unstored, counter_errors);
   return 0;
 }
@@ -748,17 +796,17 @@ int run(StConvArgs p, int grid_arg, int split, int order, bool has_bias, const c
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 23) {
+  if (argc != 24) {
     fprintf(stderr,
-            "usage: %s TYPE GRID SPLIT ORDER N C T H W K kt kh kw st sh sw pt ph pw relu "
+            "usage: %s TYPE GRID SPLIT ORDER GROUPS N C T H W K kt kh kw st sh sw pt ph pw relu "
             "has_bias DIR\n",
             argv[0]);
     return 2;
   }
-  int v[21];
-  for (int i = 0; i < 21; ++i) v[i] = atoi(argv[1 + i]);
-  const int split = v[2], order = v[3];
-  for (int i = 2; i < 19; ++i) v[i] = v[i + 2];  // N .. has_bias where they were without them
+  int v[22];
+  for (int i = 0; i < 22; ++i) v[i] = atoi(argv[1 + i]);
+  const int split = v[2], order = v[3], groups = v[4];
+  for (int i = 2; i < 19; ++i) v[i] = v[i + 3];  // N .. has_bias where they were without them
   StConvArgs p{};
   p.n = v[2], p.c = v[3], p.t = v[4], p.h = v[5], p.w = v[6], p.k = v[7];
   p.kt = v[8], p.kh = v[9], p.kw = v[10], p.st = v[11], p.sh = v[12], p.sw = v[13];
@@ -768,8 +816,8 @@ int main(int argc, char** argv) {
   p.ho = (p.h + 2 * p.ph - p.kh) / p.sh + 1;
   p.wo = (p.w + 2 * p.pw - p.kw) / p.sw + 1;
   const bool has_bias = v[18] != 0;
-  if (v[0] == 1) return run<__half>(p, v[1], split, order, has_bias, argv[22]);
-  if (v[0] == 2) return run<__nv_bfloat16>(p, v[1], split, order, has_bias, argv[22]);
+  if (v[0] == 1) return run<__half>(p, v[1], split, order, groups, has_bias, argv[23]);
+  if (v[0] == 2) return run<__nv_bfloat16>(p, v[1], split, order, groups, has_bias, argv[23]);
   fprintf(stderr, "TYPE must be 1 (float16) or 2 (bfloat16), got %d\n", v[0]);
   return 2;
 }

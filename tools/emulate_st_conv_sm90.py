@@ -22,6 +22,8 @@ block per tile, and for every case checks:
   acquire (fence after the last arrival, then the barrier, then the reads) orderings hold; and
   blocks run in a chosen order (``order``: ascending, descending, shuffled), so which unit of a
   tile arrives last varies between runs of one case;
+- with ``groups`` = 2 (a grouped launch of two problems of one shape): every stage against the
+  problem its work unit belongs to, both outputs written once and right;
 - the output matches float64 ``F.conv3d`` + bias + ReLU on the same (rounded) inputs within
   1e-2 of the largest reference value.
 
@@ -82,28 +84,34 @@ def build(work: Path, kernel_root: Path = ROOT) -> Path:
 
 def run_case(exe: Path, work: Path, case: tuple, dtype: torch.dtype, relu: bool,
              has_bias: bool, seed: int, grid: int = 0, split: int = 1,
-             order: int = 0) -> tuple[bool, str]:
-    """Emulate one launch and compare; the output stays in work/out.bin.
+             order: int = 0, groups: int = 1) -> tuple[bool, str]:
+    """Emulate one launch and compare; the output stays in work/out.bin (and out1.bin).
 
     `grid` persistent blocks (0 = one per work unit), `split` reduction slices per tile, blocks
-    run in `order` (0 ascending, 1 descending, >1 a permutation seeded by it).
+    run in `order` (0 ascending, 1 descending, >1 a permutation seeded by it), `groups` 2: a
+    grouped launch of two problems of the case's sizes with their own random tensors.
     """
     name, n, c, k, ks, st, pd, thw = case
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, *thw, generator=gen).to(dtype)
-    w = (torch.randn(k, c, *ks, generator=gen) / math.sqrt(c * math.prod(ks))).to(dtype)
-    b = (torch.randn(k, generator=gen) * 0.5 + 0.5) if has_bias else None
     cp = -(-c // 8) * 8
-    # The launcher's layout: NTHWC and (K, kt, kh, kw, C), C zero-padded to 8.
-    xp = torch.zeros(n, *thw, cp, dtype=dtype)
-    xp[..., :c] = x.permute(0, 2, 3, 4, 1)
-    wp = torch.zeros(k, *ks, cp, dtype=dtype)
-    wp[..., :c] = w.permute(0, 2, 3, 4, 1)
-    xp.view(torch.uint8).numpy().tofile(work / "x.bin")
-    wp.view(torch.uint8).numpy().tofile(work / "w.bin")
-    if b is not None:
-        b.float().numpy().tofile(work / "b.bin")
-    args = [TYPES[dtype], grid, split, order, n, cp, *thw, k, *ks, *st, *pd, int(relu),
+    refs = []
+    for g in range(groups):
+        suffix = "" if g == 0 else "1"
+        x = torch.randn(n, c, *thw, generator=gen).to(dtype)
+        w = (torch.randn(k, c, *ks, generator=gen) / math.sqrt(c * math.prod(ks))).to(dtype)
+        b = (torch.randn(k, generator=gen) * 0.5 + 0.5) if has_bias else None
+        # The launcher's layout: NTHWC and (K, kt, kh, kw, C), C zero-padded to 8.
+        xp = torch.zeros(n, *thw, cp, dtype=dtype)
+        xp[..., :c] = x.permute(0, 2, 3, 4, 1)
+        wp = torch.zeros(k, *ks, cp, dtype=dtype)
+        wp[..., :c] = w.permute(0, 2, 3, 4, 1)
+        xp.view(torch.uint8).numpy().tofile(work / f"x{suffix}.bin")
+        wp.view(torch.uint8).numpy().tofile(work / f"w{suffix}.bin")
+        if b is not None:
+            b.float().numpy().tofile(work / f"b{suffix}.bin")
+        ref = F.conv3d(x.double(), w.double(), None if b is None else b.double(), st, pd)
+        refs.append(ref.clamp_min(0) if relu else ref)
+    args = [TYPES[dtype], grid, split, order, groups, n, cp, *thw, k, *ks, *st, *pd, int(relu),
             int(has_bias)]
     res = subprocess.run([str(exe), *map(str, args), str(work)], capture_output=True, text=True,
                          timeout=600)
@@ -111,18 +119,18 @@ def run_case(exe: Path, work: Path, case: tuple, dtype: torch.dtype, relu: bool,
         return False, f"{name:15s} {str(dtype):15s} emulator failed ({res.returncode}): " + \
             res.stderr.strip()[-500:]
     stats = dict(kv.split("=") for kv in res.stdout.split())
-    ref = F.conv3d(x.double(), w.double(), None if b is None else b.double(), st, pd)
-    if relu:
-        ref = ref.clamp_min(0)
-    raw = torch.frombuffer(bytearray((work / "out.bin").read_bytes()), dtype=torch.uint8)
-    out = raw.view(dtype).reshape(n, *ref.shape[2:], k).permute(0, 4, 1, 2, 3).double()
-    scale = ref.abs().max().item()
-    err = (out - ref).abs().max().item() / (scale if scale > 0 else 1.0)
-    ok = (all(stats[key] == "0" for key in STATS_ZERO) and not out.isnan().any().item()
-          and err < TOL)
+    err, nan = 0.0, False
+    for g, ref in enumerate(refs):
+        raw = torch.frombuffer(bytearray((work / f"out{'' if g == 0 else '1'}.bin").read_bytes()),
+                               dtype=torch.uint8)
+        out = raw.view(dtype).reshape(n, *ref.shape[2:], k).permute(0, 4, 1, 2, 3).double()
+        scale = ref.abs().max().item()
+        err = max(err, (out - ref).abs().max().item() / (scale if scale > 0 else 1.0))
+        nan = nan or out.isnan().any().item()
+    ok = all(stats[key] == "0" for key in STATS_ZERO) and not nan and err < TOL
     line = (f"{name:15s} {str(dtype):15s} tile={stats['tile']} blocks={stats['blocks']:>3s} "
             f"units={stats['units']} tiles={stats['tiles']} k_tiles={stats['k_tiles']} "
-            f"split={stats['split']} order={order} relu={int(relu)} "
+            f"split={stats['split']} groups={stats['groups']} order={order} relu={int(relu)} "
             f"bias={int(has_bias)} outputs={stats['outputs']:>6s} "
             + " ".join(f"{key}={stats[key]}" for key in STATS_ZERO)
             + f" rel_err={err:.2e} {'OK' if ok else 'FAIL'}")

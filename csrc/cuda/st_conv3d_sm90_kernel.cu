@@ -43,6 +43,10 @@
 //   order and runs the epilogue once. No unit waits for another (no co-residency assumption),
 //   and the sum order is fixed, so results are the same whichever unit finishes last.
 //   split_k = 1 skips all of it: the same code path and results as without split-K.
+// - Grouped launch: two problems of identical sizes with their own input, weight, bias and
+//   output (the multires fovea and context streams) in one persistent launch, their work units
+//   interleaved in one schedule (Sm90Second holds the second problem's pointers); one problem is
+//   the plain launch.
 //
 // The per-thread pieces (tap table, producer address arithmetic and operand selection, the
 // swizzle, the descriptors, pipeline stage/phase bookkeeping, accumulator -> output mapping,
@@ -119,6 +123,7 @@ namespace sm90 {
 constexpr int kBM = 128, kBN = 128, kBK = 64;  // kBK 16-bit elements = one 128-byte row
 constexpr int kStages = 4;
 constexpr int kMaxSplitK = 16;  // sm90_status_message quotes this limit
+constexpr int kMaxGroup = 2;    // problems of one grouped launch (the two multires streams)
 constexpr int kVec = 8;                          // 16-bit elements per 16-byte copy
 constexpr int kVecPerRow = kBK / kVec;           // 8 chunks of 16 bytes per swizzle row
 constexpr int kProducerThreads = 128, kConsumerThreads = 256;
@@ -556,11 +561,13 @@ struct Sm90Plan {
   int n_vec;    // 16-byte vectors in the reduction, kt*kh*kw*C/8
   int k_tiles;  // reduction tiles, the last one ragged
   int split_k;  // reduction slices per tile (1: each tile is one work unit)
-  int n_units;  // work units, n_tiles * split_k
+  int groups;   // problems of identical sizes in the launch (1 or 2), each n_tiles tiles
+  int n_units;  // work units, groups * n_tiles * split_k
 };
 
 // split_k in [1, k_tiles] (sm90_check_split), so that every slice has a reduction tile.
-__host__ __device__ __forceinline__ Sm90Plan sm90_plan(const StConvArgs& p, int split_k = 1) {
+__host__ __device__ __forceinline__ Sm90Plan sm90_plan(const StConvArgs& p, int split_k = 1,
+                                                       int groups = 1) {
   Sm90Plan plan{};
   plan.m_total = p.n * p.to * p.ho * p.wo;
   plan.tiles_n = (p.k + kBN - 1) / kBN;
@@ -568,20 +575,26 @@ __host__ __device__ __forceinline__ Sm90Plan sm90_plan(const StConvArgs& p, int 
   plan.n_vec = p.kt * p.kh * p.kw * (p.c / kVec);
   plan.k_tiles = (plan.n_vec + kVecPerRow - 1) / kVecPerRow;
   plan.split_k = split_k;
-  plan.n_units = plan.n_tiles * split_k;
+  plan.groups = groups;
+  plan.n_units = groups * plan.n_tiles * split_k;
   return plan;
 }
 
-// One work unit of the persistent schedule: reduction tiles [kt_begin, kt_end) of one tile.
-// Slice-major (unit = slice * n_tiles + tile), so with split_k = 1 the units are today's tiles
-// in today's order, and neighbouring blocks still share position tiles.
+// One work unit of the persistent schedule: reduction tiles [kt_begin, kt_end) of tile `tile` of
+// problem `group`. Slice-major, then problem, then tile (unit = (slice * groups + group) *
+// n_tiles + tile), so with split_k = 1 and one problem the units are today's tiles in today's
+// order, and neighbouring blocks still share position tiles. `wtile` = group * n_tiles + tile
+// numbers the tiles of all problems (workspace slots and counters).
 struct WorkUnit {
-  int tile, slice, kt_begin, kt_end;
+  int group, tile, wtile, slice, kt_begin, kt_end;
 };
 __host__ __device__ __forceinline__ WorkUnit work_unit(const Sm90Plan& plan, int unit) {
   WorkUnit u;
-  u.slice = unit / plan.n_tiles;
-  u.tile = unit - u.slice * plan.n_tiles;
+  const int tiles_all = plan.groups * plan.n_tiles;
+  u.slice = unit / tiles_all;
+  u.wtile = unit - u.slice * tiles_all;
+  u.group = plan.groups > 1 && u.wtile >= plan.n_tiles ? 1 : 0;
+  u.tile = u.wtile - u.group * plan.n_tiles;
   // Balanced slices: sizes differ by at most one reduction tile, none empty when split_k <=
   // k_tiles.
   u.kt_begin = static_cast<int>(static_cast<long long>(u.slice) * plan.k_tiles / plan.split_k);
@@ -613,18 +626,28 @@ constexpr int kAccVec4 = 64 / 4;                         // float4s per consumer
 static_assert(kAccVec4 * 4 * kConsumerThreads == kTileFloats, "partial tile layout");
 
 struct Sm90SplitK {
-  float* partials;     // n_tiles * split_k * kTileFloats floats, 16-byte aligned
-  unsigned* counters;  // n_tiles, zero at launch
+  float* partials;     // groups * n_tiles * split_k * kTileFloats floats, 16-byte aligned
+  unsigned* counters;  // groups * n_tiles, zero at launch
 };
 
 __host__ __device__ __forceinline__ long long splitk_partial_bytes(const Sm90Plan& plan) {
-  return plan.split_k > 1 ? static_cast<long long>(plan.n_tiles) * plan.split_k * kTileFloats * 4
+  return plan.split_k > 1 ? static_cast<long long>(plan.groups) * plan.n_tiles * plan.split_k *
+                                kTileFloats * 4
                           : 0;
 }
 
 __host__ __device__ __forceinline__ long long splitk_workspace_bytes(const Sm90Plan& plan) {
-  return plan.split_k > 1 ? splitk_partial_bytes(plan) + 4LL * plan.n_tiles : 0;
+  return plan.split_k > 1 ? splitk_partial_bytes(plan) + 4LL * plan.groups * plan.n_tiles : 0;
 }
+
+// The second problem of a grouped launch (groups = 2): its own input, packed weight, bias and
+// output; the first one's are the StConvArgs'. Sizes are the StConvArgs' for both.
+struct Sm90Second {
+  const void* input;
+  const void* weight;
+  const float* bias;
+  void* out;
+};
 
 // Stores unit u's partial tile, arrives on its tile's counter; if it arrived last, replaces acc
 // by the tile's full sum (slices in order) and returns true: the caller then runs the epilogue.
@@ -632,7 +655,7 @@ __host__ __device__ __forceinline__ long long splitk_workspace_bytes(const Sm90P
 __host__ __device__ __forceinline__ bool splitk_combine(const Sm90Plan& plan,
                                                         const Sm90SplitK& ws, const WorkUnit& u,
                                                         int ctid, float (&acc)[64]) {
-  const long long tile_base = static_cast<long long>(u.tile) * plan.split_k * kTileFloats;
+  const long long tile_base = static_cast<long long>(u.wtile) * plan.split_k * kTileFloats;
   float* own = ws.partials + tile_base + static_cast<long long>(u.slice) * kTileFloats;
 ST90_UNROLL
   for (int j = 0; j < kAccVec4; ++j) {
@@ -643,7 +666,8 @@ ST90_UNROLL
   bool last = false;
   if (ctid == 0) {
     fence_gpu();  // release: this unit's partials before its arrival
-    last = atomic_add_gpu(&ws.counters[u.tile], 1u) == static_cast<unsigned>(plan.split_k - 1);
+    last = atomic_add_gpu(&ws.counters[u.wtile], 1u) ==
+           static_cast<unsigned>(plan.split_k - 1);
     if (last) {
       fence_gpu();  // acquire: the other units' partials, released before their arrivals
     }
@@ -761,6 +785,12 @@ struct Sm90Producer {
     wd = p.w;
   }
 
+  // The problem of the next unit (a grouped launch's two share every size).
+  __host__ __device__ __forceinline__ void set_problem(const void* input, const void* weight) {
+    x = static_cast<const T*>(input);
+    w_packed = static_cast<const unsigned char*>(weight);
+  }
+
   __host__ __device__ __forceinline__ void start_tile(const StConvArgs& p, const Sm90Plan& plan,
                                                       int m0, int n0) {
     b_block = static_cast<long long>(n0 / kBN) * plan.k_tiles;
@@ -845,10 +875,11 @@ __host__ __device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v)
 template <typename T>
 struct Sm90PairStore {
   T* out;
+  T* out_second;  // problem 1's output in a grouped launch
   int k;
-  __host__ __device__ __forceinline__ void operator()(int m, int col, float v0, float v1,
-                                                      bool has1) const {
-    T* dst = out + static_cast<long long>(m) * k + col;
+  __host__ __device__ __forceinline__ void operator()(int group, int m, int col, float v0,
+                                                      float v1, bool has1) const {
+    T* dst = (group == 0 ? out : out_second) + static_cast<long long>(m) * k + col;
     if ((k & 1) == 0) {
       uint32_t bits;
       const T pair[2] = {to_out<T>(v0), to_out<T>(v1)};
@@ -866,8 +897,8 @@ struct Sm90PairStore {
 template <class Store>
 __host__ __device__ __forceinline__ void sm90_epilogue(const StConvArgs& p, int m_total,
                                                        TileOrigin o, int wg, int t,
-                                                       const float (&acc)[64],
-                                                       const Store& store) {
+                                                       const float (&acc)[64], int group,
+                                                       const float* bias, const Store& store) {
 ST90_UNROLL
   for (int i = 0; i < 64; i += 2) {
     const AccPos pos = acc_position(t, i);
@@ -875,13 +906,13 @@ ST90_UNROLL
     const int col = o.n0 + pos.col;
     if (m < m_total && col < p.k) {
       const bool has1 = col + 1 < p.k;
-      float v0 = acc[i] + (p.bias ? p.bias[col] : 0.f);
-      float v1 = acc[i + 1] + ((p.bias && has1) ? p.bias[col + 1] : 0.f);
+      float v0 = acc[i] + (bias ? bias[col] : 0.f);
+      float v1 = acc[i + 1] + ((bias && has1) ? bias[col + 1] : 0.f);
       if (p.relu) {
         v0 = fmaxf(v0, 0.f);
         v1 = fmaxf(v1, 0.f);
       }
-      store(m, col, v0, v1, has1);
+      store(group, m, col, v0, v1, has1);
     }
   }
 }
@@ -893,12 +924,17 @@ __host__ __device__ __forceinline__ void run_producer(const StConvArgs& p, const
                                                       unsigned char* smem,
                                                       const TapEntry* table, uint64_t* full,
                                                       uint64_t* empty, int ptid, int block,
-                                                      int grid) {
+                                                      int grid, const Sm90Second& second) {
   Sm90Producer<T> producer(p, ptid);
   PipeState ps;
   for (int unit = block; unit < plan.n_units; unit += grid) {
     const WorkUnit u = work_unit(plan, unit);
     const TileOrigin o = tile_origin(u.tile, plan.tiles_n);
+    if (u.group == 0) {
+      producer.set_problem(p.input, p.weight);
+    } else {
+      producer.set_problem(second.input, second.weight);
+    }
     producer.start_tile(p, plan, o.m0, o.n0);
     for (int kt = u.kt_begin; kt < u.kt_end; ++kt) {
       mbar_wait(&empty[ps.stage], ps.phase ^ 1u);  // round 0 passes: the stage starts free
@@ -916,6 +952,7 @@ __host__ __device__ __forceinline__ void run_consumer(const StConvArgs& p, const
                                                       unsigned char* smem, uint64_t* full,
                                                       uint64_t* empty, int ctid, int block,
                                                       int grid, const Sm90SplitK& ws,
+                                                      const Sm90Second& second,
                                                       const Store& store) {
   const int wg = ctid / kProducerThreads;  // consumer warpgroup 0 or 1: rows 64*wg .. +63
   const int t = ctid % kProducerThreads;
@@ -958,7 +995,8 @@ ST90_UNROLL
     if (plan.split_k > 1 && !splitk_combine(plan, ws, u, ctid, acc)) {
       continue;  // another unit of this tile arrives later and writes it
     }
-    sm90_epilogue(p, plan.m_total, o, wg, t, acc, store);
+    sm90_epilogue(p, plan.m_total, o, wg, t, acc, u.group, u.group == 0 ? p.bias : second.bias,
+                  store);
   }
 }
 
@@ -968,6 +1006,7 @@ template <typename T, class Store>
 __host__ __device__ __forceinline__ void sm90_block(const StConvArgs& p, const Sm90Plan& plan,
                                                     unsigned char* smem_raw, int tid, int block,
                                                     int grid, const Sm90SplitK& ws,
+                                                    const Sm90Second& second,
                                                     const Store& store) {
   unsigned char* smem = align_smem(smem_raw);
   TapEntry* table = reinterpret_cast<TapEntry*>(smem + kTableOffset);
@@ -985,9 +1024,10 @@ __host__ __device__ __forceinline__ void sm90_block(const StConvArgs& p, const S
   }
   block_sync();
   if (tid < kProducerThreads) {
-    run_producer<T>(p, plan, smem, table, full, empty, tid, block, grid);
+    run_producer<T>(p, plan, smem, table, full, empty, tid, block, grid, second);
   } else {
-    run_consumer<T>(p, plan, smem, full, empty, tid - kProducerThreads, block, grid, ws, store);
+    run_consumer<T>(p, plan, smem, full, empty, tid - kProducerThreads, block, grid, ws, second,
+                    store);
   }
 }
 
@@ -1003,14 +1043,16 @@ __device__ int has_hopper_body_flag = 0;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-    st_conv3d_sm90_kernel(const StConvArgs p, const Sm90Plan plan, const Sm90SplitK ws) {
+    st_conv3d_sm90_kernel(const StConvArgs p, const Sm90Plan plan, const Sm90SplitK ws,
+                          const Sm90Second second) {
 #if ST90_HOPPER
   extern __shared__ __align__(16) unsigned char st90_smem[];
   sm90_block<T>(p, plan, st90_smem, static_cast<int>(threadIdx.x), static_cast<int>(blockIdx.x),
-                static_cast<int>(gridDim.x), ws, Sm90PairStore<T>{static_cast<T*>(p.out), p.k});
+                static_cast<int>(gridDim.x), ws, second,
+                Sm90PairStore<T>{static_cast<T*>(p.out), static_cast<T*>(second.out), p.k});
 #elif defined(__CUDA_ARCH__)
   // Not Hopper: the launcher never starts this (it reports kSm90NotBuilt first).
-  (void)p, (void)plan, (void)ws;
+  (void)p, (void)plan, (void)ws, (void)second;
   __trap();
 #endif
 }
@@ -1034,6 +1076,9 @@ const char* sm90_status_message(int status) {
     case kSm90BadSplit:
       return "split_k must be in [1, 16] and at most the reduction's 64-wide tiles "
              "(kt*kh*kw*C/64, rounded up)";
+    case kSm90GroupMismatch:
+      return "a grouped launch takes 1 or 2 problems of identical sizes, strides, padding and "
+             "activation";
     default: return "unknown status";
   }
 }
@@ -1115,19 +1160,43 @@ int sm90_choose_split(const StConvArgs& args, int sms) {
   return split;
 }
 
-long long sm90_workspace_bytes(const StConvArgs& args, int split_k) {
-  return sm90_check_split(args, split_k) == kSm90Ok
-             ? splitk_workspace_bytes(sm90_plan(args, split_k))
+long long sm90_workspace_bytes(const StConvArgs& args, int split_k, int groups) {
+  return sm90_check_split(args, split_k) == kSm90Ok && groups >= 1 && groups <= kMaxGroup
+             ? splitk_workspace_bytes(sm90_plan(args, split_k, groups))
              : 0;
 }
 
-int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, void* packed_weight,
-                          int split_k, void* workspace, cudaStream_t stream) {
-  const int shape = sm90_check_shape(args, type);
+int sm90_check_group(const StConvArgs* args, int count) {
+  if (count < 1 || count > kMaxGroup) {
+    return kSm90GroupMismatch;
+  }
+  for (int g = 1; g < count; ++g) {
+    const StConvArgs& a = args[0];
+    const StConvArgs& b = args[g];
+    const bool same = a.n == b.n && a.c == b.c && a.t == b.t && a.h == b.h && a.w == b.w &&
+                      a.k == b.k && a.kt == b.kt && a.kh == b.kh && a.kw == b.kw &&
+                      a.st == b.st && a.sh == b.sh && a.sw == b.sw && a.pt == b.pt &&
+                      a.ph == b.ph && a.pw == b.pw && a.to == b.to && a.ho == b.ho &&
+                      a.wo == b.wo && a.relu == b.relu;
+    if (!same) {
+      return kSm90GroupMismatch;
+    }
+  }
+  return kSm90Ok;
+}
+
+int launch_st_conv3d_sm90_grouped(const StConvArgs* args, int count, ConvType type,
+                                  void* const* packed_weights, int split_k, void* workspace,
+                                  cudaStream_t stream) {
+  if (sm90_check_group(args, count) != kSm90Ok) {
+    return kSm90GroupMismatch;
+  }
+  const int shape = sm90_check_shape(args[0], type);
   if (shape != kSm90Ok) {
     return shape;
   }
-  if (sm90_check_split(args, split_k) != kSm90Ok) {
+  if (sm90_check_split(args[0], split_k) != kSm90Ok ||
+      static_cast<long long>(sm90_plan(args[0]).n_tiles) * split_k * count > INT_MAX) {
     return kSm90BadSplit;
   }
   int device = 0, major = 0, minor = 0, sms = 0;
@@ -1146,39 +1215,53 @@ int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, void* packed_we
   const void* kernel = type == ConvType::kFloat16
                            ? reinterpret_cast<const void*>(&st_conv3d_sm90_kernel<__half>)
                            : reinterpret_cast<const void*>(&st_conv3d_sm90_kernel<__nv_bfloat16>);
-  const Sm90Plan plan = sm90_plan(args, split_k);
+  const Sm90Plan plan = sm90_plan(args[0], split_k, count);
   const int smem = sm90_smem_bytes(plan.n_vec);
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
       cudaSuccess) {
     return kSm90LaunchFailed;
   }
-  if (cudaMemsetAsync(packed_weight, 0, static_cast<size_t>(packed_weight_bytes(plan)), stream) !=
-      cudaSuccess) {
-    return kSm90LaunchFailed;
+  for (int g = 0; g < count; ++g) {
+    if (cudaMemsetAsync(packed_weights[g], 0, static_cast<size_t>(packed_weight_bytes(plan)),
+                        stream) != cudaSuccess) {
+      return kSm90LaunchFailed;
+    }
+    const long long vectors = static_cast<long long>(args[g].k) * plan.n_vec;
+    sm90_pack_weight_kernel<<<static_cast<int>((vectors + 255) / 256), 256, 0, stream>>>(
+        static_cast<const unsigned char*>(args[g].weight),
+        static_cast<unsigned char*>(packed_weights[g]), plan, args[g].k);
   }
-  const long long vectors = static_cast<long long>(args.k) * plan.n_vec;
-  sm90_pack_weight_kernel<<<static_cast<int>((vectors + 255) / 256), 256, 0, stream>>>(
-      static_cast<const unsigned char*>(args.weight), static_cast<unsigned char*>(packed_weight),
-      plan, args.k);
   Sm90SplitK ws{nullptr, nullptr};
   if (split_k > 1) {
     ws.partials = static_cast<float*>(workspace);
     ws.counters = reinterpret_cast<unsigned*>(static_cast<unsigned char*>(workspace) +
                                               splitk_partial_bytes(plan));
-    if (cudaMemsetAsync(ws.counters, 0, sizeof(unsigned) * static_cast<size_t>(plan.n_tiles),
+    if (cudaMemsetAsync(ws.counters, 0,
+                        sizeof(unsigned) * static_cast<size_t>(plan.groups * plan.n_tiles),
                         stream) != cudaSuccess) {
       return kSm90LaunchFailed;
     }
   }
-  StConvArgs packed = args;
-  packed.weight = packed_weight;
+  StConvArgs packed = args[0];
+  packed.weight = packed_weights[0];
+  Sm90Second second{nullptr, nullptr, nullptr, nullptr};
+  if (count > 1) {
+    second = {args[1].input, packed_weights[1], args[1].bias, args[1].out};
+  }
   const int grid = plan.n_units < sms ? plan.n_units : sms;
   if (type == ConvType::kFloat16) {
-    st_conv3d_sm90_kernel<__half><<<grid, kThreads, smem, stream>>>(packed, plan, ws);
+    st_conv3d_sm90_kernel<__half><<<grid, kThreads, smem, stream>>>(packed, plan, ws, second);
   } else {
-    st_conv3d_sm90_kernel<__nv_bfloat16><<<grid, kThreads, smem, stream>>>(packed, plan, ws);
+    st_conv3d_sm90_kernel<__nv_bfloat16><<<grid, kThreads, smem, stream>>>(packed, plan, ws,
+                                                                           second);
   }
   return kSm90Ok;
+}
+
+int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, void* packed_weight,
+                          int split_k, void* workspace, cudaStream_t stream) {
+  return launch_st_conv3d_sm90_grouped(&args, 1, type, &packed_weight, split_k, workspace,
+                                       stream);
 }
 
 }  // namespace cuda

@@ -20,6 +20,7 @@ enum Sm90Status : int {
   kSm90UnsupportedShape = 4,  // a kernel extent >= 256, or the reduction's tap table too large
   kSm90LaunchFailed = 5,      // a CUDA runtime call failed (cudaGetLastError has it)
   kSm90BadSplit = 6,          // split_k outside [1, min(16, reduction tiles)]
+  kSm90GroupMismatch = 7,     // a grouped launch's problems differ in size (or are not 1 or 2)
 };
 
 // One human-readable sentence per status.
@@ -45,9 +46,13 @@ int sm90_check_split(const StConvArgs& args, int split_k);
 // slice.
 int sm90_choose_split(const StConvArgs& args, int sms);
 
-// Bytes of device workspace a launch with `split_k` needs (0 for split_k = 1): the fp32 partial
-// tiles, then one 32-bit counter per tile.
-long long sm90_workspace_bytes(const StConvArgs& args, int split_k);
+// Bytes of device workspace a launch of `groups` problems (1 or 2) with `split_k` needs (0 for
+// split_k = 1): the fp32 partial tiles, then one 32-bit counter per tile.
+long long sm90_workspace_bytes(const StConvArgs& args, int split_k, int groups = 1);
+
+// Whether args[0 .. count) can share one grouped launch (kSm90Ok): 1 or 2 problems whose sizes,
+// strides, padding and activation agree (their tensors are their own).
+int sm90_check_group(const StConvArgs* args, int count);
 
 // Enqueues, on `stream`, the weight repack into `packed_weight` (sm90_packed_weight_bytes(args)
 // bytes of device memory, 16-byte aligned, free until the launch completes), with split_k > 1
@@ -61,6 +66,15 @@ long long sm90_workspace_bytes(const StConvArgs& args, int split_k);
 // enqueuing anything.
 int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, void* packed_weight,
                           int split_k, void* workspace, cudaStream_t stream);
+
+// One launch computing `count` (1 or 2) problems of identical sizes (the multires fovea and
+// context streams), each with its own input, weight, bias and output in args[g], its packed
+// weight in packed_weights[g] (sm90_packed_weight_bytes each) and one workspace for all
+// (sm90_workspace_bytes(args[0], split_k, count)); the work units of both problems share the
+// persistent grid. Same contract otherwise as launch_st_conv3d_sm90 (which is this with 1).
+int launch_st_conv3d_sm90_grouped(const StConvArgs* args, int count, ConvType type,
+                                  void* const* packed_weights, int split_k, void* workspace,
+                                  cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace vidconv
