@@ -43,10 +43,18 @@ TORCH_LIBRARY(vidconv, m) {
       "bool relu, int tile_config) -> Tensor");
   // The Hopper implicit-GEMM forward (wgmma; CUDA only, float16/bfloat16, a compute capability
   // 9.0 device and an extension built for 9.0a), same layouts as st_conv3d_fused, one block tile
-  // (vidconv._C.fused_sm90_tile()). One of st_conv3d's candidates.
+  // (vidconv._C.fused_sm90_tile()). split_k: reduction slices per tile (split-K, for layers with
+  // fewer tiles than SMs), 1 = none, 0 = chosen from the tile and SM counts; at most 16 and the
+  // reduction's 64-wide tiles. One of st_conv3d's candidates (per split factor).
   m.def(
       "st_conv3d_fused_sm90(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
-      "bool relu) -> Tensor");
+      "bool relu, int split_k=1) -> Tensor");
+  // Two st_conv3d_fused_sm90 problems of identical sizes, each its own x, weight and bias (the
+  // multires fovea and context streams), in one launch whose work units span both.
+  m.def(
+      "st_conv3d_fused_sm90_grouped(Tensor x0, Tensor weight0, Tensor? bias0, Tensor x1, "
+      "Tensor weight1, Tensor? bias1, int[] stride, int[] padding, bool relu, int split_k=1) "
+      "-> (Tensor, Tensor)");
 }
 
 namespace {

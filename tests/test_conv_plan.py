@@ -757,8 +757,9 @@ def _pretend_hopper_build(monkeypatch, archs=("8.0", "9.0a"), tile="128x128x64",
 
 def test_sm90_kernel_is_a_candidate_only_on_hopper_builds_and_devices(monkeypatch):
     _pretend_hopper_build(monkeypatch)
-    (algo,) = conv_algos._fused_sm90_algorithms()
+    algo, *splits = conv_algos._fused_sm90_algorithms()
     assert algo.name == "fused_sm90_128x128x64" and algo.forward is not None
+    assert [a.name for a in splits] == [f"fused_sm90_128x128x64_split{s}" for s in (2, 4, 8)]
     assert algo.input_grad is None and algo.weight_grad is None  # forward only
     assert algo.applies(_problem(torch.bfloat16)) and algo.applies(_problem(torch.float16))
     assert not algo.applies(_problem(torch.float32))
@@ -773,9 +774,59 @@ def test_sm90_kernel_is_a_candidate_only_on_hopper_builds_and_devices(monkeypatc
     _pretend_hopper_build(monkeypatch, archs=("8.0", "9.0"))
     assert conv_algos._fused_sm90_algorithms() == []
     _pretend_hopper_build(monkeypatch, archs=("8.0 9.0a+PTX",))
-    assert len(conv_algos._fused_sm90_algorithms()) == 1
+    assert len(conv_algos._fused_sm90_algorithms()) == 4
     _pretend_hopper_build(monkeypatch, tile=None)
     assert conv_algos._fused_sm90_algorithms() == []
+
+
+def _layer_7x7(c):
+    # a 7x7 -> 256-filter 3x3 layer (pad 1) at batch 32: 1568 positions, 13 x 2 = 26 tiles
+    return conv_algos.Problem("cuda", torch.bfloat16, "channels_last_3d", "contiguous", 32, c, 1,
+                              7, 7, 256, (1, 3, 3), (1, 1, 1), (0, 1, 1))
+
+
+def test_sm90_split_k_candidates_only_where_tiles_leave_sms_idle(monkeypatch):
+    # The split variants are offered where the 128x128 tiles are fewer than the SMs and every
+    # slice keeps at least 4 of the 64-wide reduction tiles; the unsplit kernel everywhere.
+    _pretend_hopper_build(monkeypatch)
+    monkeypatch.setattr(conv_algos, "_sm_count", lambda: 132)
+    algos = {a.name.removeprefix("fused_sm90_128x128x64"): a
+             for a in conv_algos._fused_sm90_algorithms()}
+    # 256 channels: 9 * 32 = 288 vectors = 36 reduction tiles
+    small = _layer_7x7(256)
+    assert conv_algos._sm90_tiles(small) == (26, 36)
+    assert all(algos[name].applies(small) for name in ("", "_split2", "_split4", "_split8"))
+    # 5 reduction tiles: too few for any split; 14: split 2 (7 per slice) but not 4 (3 or 4)
+    short = _layer_7x7(32)
+    assert conv_algos._sm90_tiles(short) == (26, 5)
+    assert not algos["_split2"].applies(short)
+    wide = _layer_7x7(96)
+    assert conv_algos._sm90_tiles(wide) == (26, 14)
+    assert algos["_split2"].applies(wide) and not algos["_split4"].applies(wide)
+    # enough tiles for every SM: no split variant
+    monkeypatch.setattr(conv_algos, "_sm_count", lambda: 26)
+    assert algos[""].applies(small)
+    assert not any(algos[name].applies(small) for name in ("_split2", "_split4", "_split8"))
+    # where the unsplit kernel does not apply, no split does either
+    monkeypatch.setattr(conv_algos, "_sm_count", lambda: 132)
+    assert not algos["_split2"].applies(replace(small, dtype=torch.float32))
+
+
+def test_sm90_op_takes_a_split_factor():
+    schema = str(torch.ops.vidconv.st_conv3d_fused_sm90.default._schema)
+    assert "int split_k=1" in schema, schema
+
+
+def test_sm90_grouped_op_takes_two_problems():
+    schema = str(torch.ops.vidconv.st_conv3d_fused_sm90_grouped.default._schema)
+    assert "Tensor x1, Tensor weight1, Tensor? bias1" in schema and "-> (Tensor, Tensor)" in schema
+    # The fake kernel (torch.compile, meta tensors): both outputs like the single op's.
+    x = torch.empty(2, 16, 3, 9, 9, device="meta", dtype=torch.bfloat16)
+    w = torch.empty(32, 16, 1, 3, 3, device="meta", dtype=torch.bfloat16)
+    out0, out1 = torch.ops.vidconv.st_conv3d_fused_sm90_grouped(x, w, None, x, w, None,
+                                                                [1, 1, 1], [0, 1, 1], True, 2)
+    assert out0.shape == out1.shape == (2, 32, 3, 9, 9)
+    assert out1.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_sm90_kernel_absent_from_a_cpu_build():
@@ -846,6 +897,50 @@ def test_cuda_sm90_kernel_is_a_candidate_and_can_be_forced(monkeypatch):
                                x_format=torch.channels_last_3d)
     _assert_matches(out, ref, got, want, torch.bfloat16)
     assert _decision("forward")["chosen"] == _SM90_NAME
+
+
+@pytest.mark.cuda
+@_sm90_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_sm90_split_k_matches_reference_and_is_deterministic(dtype):
+    # A 7x7 layer at batch 32 (26 tiles for 132 SMs): every split, and the automatic one (0),
+    # against float64; the slice-ordered reduction gives the same bits on every run.
+    layer = dict(n=32, c=256, k=256, ksize=(1, 3, 3), stride=(1, 1, 1), padding=(0, 1, 1),
+                 thw=(1, 7, 7))
+    x, w, b = _inputs(**layer, device="cuda", dtype=dtype, seed=5)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    ref = F.conv3d(x.double(), w.double(), b.double(), layer["stride"], layer["padding"])
+    ref = ref.clamp_min(0)
+    own = F.conv3d(x, w, b, layer["stride"], layer["padding"]).relu()
+    for split in (0, 1, 2, 4, 8, 16):
+        out = torch.ops.vidconv.st_conv3d_fused_sm90(x, w, b, [1, 1, 1], [0, 1, 1], True, split)
+        again = torch.ops.vidconv.st_conv3d_fused_sm90(x, w, b, [1, 1, 1], [0, 1, 1], True,
+                                                       split)
+        assert torch.equal(out, again), split
+        assert _rel(out, ref) < max(2 * _rel(own, ref), TOL[dtype]), (split, _rel(out, ref))
+    with pytest.raises(RuntimeError, match="split_k must be at most the reduction's 2 64-wide"):
+        torch.ops.vidconv.st_conv3d_fused_sm90(x[:, :8], w[:, :8].contiguous(), b, [1, 1, 1],
+                                               [0, 1, 1], True, 16)
+    with pytest.raises(RuntimeError, match=r"split_k must be 0 \(automatic\) or in \[1, 16\]"):
+        torch.ops.vidconv.st_conv3d_fused_sm90(x, w, b, [1, 1, 1], [0, 1, 1], True, 17)
+
+
+@pytest.mark.cuda
+@_sm90_only
+@pytest.mark.parametrize("split", [1, 4])
+def test_cuda_sm90_grouped_launch_equals_two_launches(split):
+    # The multires streams' shape (batch 32, 13x13 after conv2+pool, conv3 3x3): one grouped
+    # launch gives each stream exactly what its own launch gives.
+    layer = dict(n=32, c=256, k=384, ksize=(1, 3, 3), stride=(1, 1, 1), padding=(0, 1, 1),
+                 thw=(1, 13, 13))
+    x0, w0, b0 = _inputs(**layer, device="cuda", dtype=torch.bfloat16, seed=1)
+    x1, w1, b1 = _inputs(**layer, device="cuda", dtype=torch.bfloat16, seed=2)
+    args = ([1, 1, 1], [0, 1, 1], True, split)
+    out0, out1 = torch.ops.vidconv.st_conv3d_fused_sm90_grouped(x0, w0, b0, x1, w1, b1, *args)
+    assert torch.equal(out0, torch.ops.vidconv.st_conv3d_fused_sm90(x0, w0, b0, *args))
+    assert torch.equal(out1, torch.ops.vidconv.st_conv3d_fused_sm90(x1, w1, b1, *args))
+    with pytest.raises(RuntimeError, match="both problems must have the same sizes"):
+        torch.ops.vidconv.st_conv3d_fused_sm90_grouped(x0, w0, b0, x1[:1], w1, b1, *args)
 
 
 @pytest.mark.cuda

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -273,6 +274,109 @@ def test_sm90_emulation_catches_an_early_stage_release(tmp_path):
                             seed=0, grid=2)
     assert not ok, line
     assert "stage release) while this thread's wgmma are in flight on that stage" in line, line
+
+
+_SPLIT_CASE = ("c64_k9tiles", 2, 64, 160, (1, 3, 3), (1, 1, 1), (0, 1, 1), (1, 5, 6))  # 9 k-tiles
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build the emulator")
+def test_sm90_split_k_host_emulation(tmp_path):
+    # Split-K through the kernel's own code: each (tile, slice) unit's partial stored once, every
+    # unit arriving once on its tile's counter, release/acquire fences in place, the last unit's
+    # slice-ordered sum vs float64 conv3d; blocks run in three orders (so a different unit of the
+    # tile arrives last) and the output must be bit-identical across them. 9 reduction tiles: no
+    # split divides them evenly; split 2 on a 3-block grid runs several units per block.
+    emu = _sm90_emulator()
+    exe = emu.build(tmp_path)
+    for split, grid, dtype in ((2, 3, torch.bfloat16), (4, 0, torch.float16),
+                               (8, 3, torch.bfloat16)):
+        outputs = []
+        for order in (0, 1, 7):
+            ok, line = emu.run_case(exe, tmp_path, _SPLIT_CASE, dtype, relu=True,
+                                    has_bias=True, seed=split, grid=grid, split=split,
+                                    order=order)
+            assert ok, line
+            assert f"split={split} " in line and f"units={2 * split} " in line, line
+            outputs.append((tmp_path / "out.bin").read_bytes())
+        assert outputs[1] == outputs[0] and outputs[2] == outputs[0], (split, grid)
+    # split_k = 1 touches no workspace (any partial access or counter atomic would be an error)
+    # and is one unit per tile, as without split-K.
+    ok, line = emu.run_case(exe, tmp_path, _SPLIT_CASE, torch.bfloat16, relu=True,
+                            has_bias=True, seed=1, grid=0, split=1, order=1)
+    assert ok and "split=1 " in line and "units=2 " in line, line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build the emulator")
+def test_sm90_grouped_launch_host_emulation(tmp_path):
+    # Two problems of one shape (the multires streams) in one launch: a 3-block grid runs units
+    # of both problems in one block, each problem's tiles read its own input and weight (every
+    # stage checked against that problem), both outputs written once and right; problem 0's
+    # output is bit-identical to its launch alone (same units, same sums); with split-K the
+    # workspace and counters span both problems and the result does not depend on block order.
+    emu = _sm90_emulator()
+    exe = emu.build(tmp_path)
+    ok, line = emu.run_case(exe, tmp_path, _SPLIT_CASE, torch.float16, relu=True,
+                            has_bias=True, seed=4, grid=3)
+    assert ok, line
+    alone = (tmp_path / "out.bin").read_bytes()
+    for split, order in ((1, 0), (4, 0), (4, 1)):
+        ok, line = emu.run_case(exe, tmp_path, _SPLIT_CASE, torch.float16, relu=True,
+                                has_bias=True, seed=4, grid=3, split=split, order=order,
+                                groups=2)
+        assert ok, line
+        assert "groups=2 " in line and f"units={4 * split} " in line, line
+        if split == 1:
+            assert (tmp_path / "out.bin").read_bytes() == alone
+            assert (tmp_path / "out1.bin").read_bytes() != alone
+        elif order == 0:
+            grouped = [(tmp_path / f"out{s}.bin").read_bytes() for s in ("", "1")]
+        else:
+            assert [(tmp_path / f"out{s}.bin").read_bytes() for s in ("", "1")] == grouped
+
+
+_SPLIT_BUGS = {
+    # the release fence between the consumer barrier and the counter arrival
+    "no_release_fence": ("    fence_gpu();  // release: this unit's partials before its arrival\n",
+                         "", "tile counter arrival before the unit's partial stores"),
+    # the acquire fence after the last arrival
+    "no_acquire_fence": ("      fence_gpu();  // acquire: the other units' partials, released "
+                         "before their arrivals\n", "", "partial read without an acquire"),
+    # the barrier ordering every consumer's stores before thread 0's arrival
+    "no_consumer_barrier": ("  consumer_sync();  // every consumer's stores are ordered before "
+                            "thread 0's release\n", "", "ws_errors=[1-9]"),
+    # slices that drop the remainder of an uneven split (9 reduction tiles in 4 slices)
+    "slice_bound": ("  u.kt_end = static_cast<int>(static_cast<long long>(u.slice + 1) * "
+                    "plan.k_tiles / plan.split_k);",
+                    "  u.kt_end = u.kt_begin + plan.k_tiles / plan.split_k;", "FAIL"),
+    # a grouped launch's second problem multiplied with the first one's weight
+    "grouped_weight": ("      producer.set_problem(second.input, second.weight);",
+                       "      producer.set_problem(second.input, p.weight);", "bad_smem=[1-9]"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build the emulator")
+@pytest.mark.parametrize("bug", sorted(_SPLIT_BUGS))
+def test_sm90_split_k_emulation_catches_planted_bugs(tmp_path, bug):
+    # Each a race or a wrong result on the device that the emulation must fail: partials
+    # published without a fence or a barrier, read without acquiring them, slices that miss
+    # part of the reduction, a grouped launch mixing up its problems' operands.
+    old, new, expect = _SPLIT_BUGS[bug]
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "csrc", tmp_path / "csrc")
+    kernel = tmp_path / "csrc" / "cuda" / "st_conv3d_sm90_kernel.cu"
+    text = kernel.read_text()
+    assert text.count(old) == 1, old
+    kernel.write_text(text.replace(old, new))
+    emu = _sm90_emulator()
+    exe = emu.build(tmp_path, kernel_root=tmp_path)
+    ok, line = emu.run_case(exe, tmp_path, _SPLIT_CASE, torch.float16, relu=False,
+                            has_bias=True, seed=0, grid=3, split=4, order=1,
+                            groups=2 if bug.startswith("grouped") else 1)
+    assert not ok, line
+    assert re.search(expect, line), line
 
 
 # ---- bad input ----------------------------------------------------------------------------

@@ -22,14 +22,28 @@
 // - Shared memory: one buffer per block placed at shared address 48, so the kernel's own 1024-byte
 //   alignment runs; accesses outside the launch's dynamic shared memory are reported.
 //
+// - Split-K (SPLIT > 1): the consumers' named barrier (bar.sync / bar.red.or 1, 256), the
+//   gpu-scope fence, the tile counter atomic and the workspace's L2 loads/stores, with the
+//   release/acquire rules of the PTX memory model checked at each step: a unit's partial stores
+//   all before the consumer barrier and a gpu-scope fence after it before the counter arrival;
+//   the last unit's fence after its arrival and a barrier after that before any partial load.
+//   Blocks run one after another (no unit waits for another, so any order is a schedule the
+//   device may run), in the order ORDER picks, which decides which unit of a tile arrives last.
+//
 // Checked per block: at every completion of a "full" barrier, every byte of that stage's A and
 // B tiles, read through the swizzle model, is the implicit-im2col / weight element (of the
 // unpacked weight: the repack is checked with it) of the tile
 // and reduction tile the persistent schedule says it is (zero past an edge, in padding, past K
-// or past the reduction); per output element: written exactly once.
+// or past the reduction); per output element: written exactly once. Per launch with split-K:
+// every partial stored exactly once and never after its unit's arrival, none read before its
+// unit arrived, every tile counter ending at SPLIT (each unit arrived once).
 //
-// Usage: emulate_st_conv_sm90 TYPE GRID N C T H W K kt kh kw st sh sw pt ph pw relu has_bias DIR
-//   TYPE 1 float16, 2 bfloat16; GRID the number of persistent blocks (0: one per tile);
+// Usage: emulate_st_conv_sm90 TYPE GRID SPLIT ORDER GROUPS N C T H W K kt kh kw st sh sw pt ph pw
+//        relu has_bias DIR
+//   TYPE 1 float16, 2 bfloat16; GRID the number of persistent blocks (0: one per work unit);
+//   SPLIT the split-K factor (1: none); ORDER the order blocks run in (0 ascending, 1
+//   descending, >1 a permutation seeded by it); GROUPS 1, or 2 for a grouped launch (a second
+//   problem of the same sizes from DIR/x1.bin, w1.bin, b1.bin, written to DIR/out1.bin);
 //   C already padded to a multiple of 8. DIR/x.bin (N,T,H,W,C), DIR/w.bin (K,kt,kh,kw,C) in TYPE,
 //   DIR/b.bin float32 (K,) if has_bias. Writes DIR/out.bin (N,T',H',W',K), starting from NaN.
 #define VIDCONV_SM90_HOST_MODEL 1
@@ -75,10 +89,23 @@ struct BlockModel {
   int sync_arrived = 0;
   long long sync_generation = 0;
   // what the checker needs
-  const StConvArgs* p = nullptr;
+  const StConvArgs* p[kMaxGroup] = {nullptr, nullptr};  // per problem of the launch
   Sm90Plan plan{};
-  int block = 0, grid = 1;
+  int block = 0, grid = 1, split = 1;
   bool bf16 = true;
+  // the consumers' named barrier (bar.sync / bar.red 1, 256)
+  std::condition_variable csync_cv;
+  int csync_arrived = 0;
+  long long csync_generation = 0;
+  bool csync_or = false, csync_result = false;
+  long long csync_acquired = -1;  // the acquire epoch the barrier's completion passes on
+  // split-K release / acquire bookkeeping (see the partial_* hooks)
+  int dirty_threads = 0;            // consumer threads with stores not yet past the barrier
+  bool synced_unfenced = false;     // stores past the barrier, no gpu fence since
+  long long epoch = 0;              // counter arrivals of this block so far
+  long long acquire_pending = -1;   // the epoch whose arrival came last, fence pending
+  long long acquired = -1;          // the epoch whose arrival came last and was fenced
+  std::vector<long long> unreleased;  // workspace slots stored since the last arrival
   uint32_t aligned = 0;  // shared address of the kernel's aligned base (from its first access)
 };
 
@@ -88,6 +115,30 @@ thread_local int t_tid = -1;
 thread_local std::vector<Pending> t_pending;
 thread_local std::vector<size_t> t_groups;  // sizes of the committed, unfinished groups
 thread_local bool t_proxy_fenced = false, t_wgmma_fenced = false;
+thread_local bool t_ws_dirty = false;     // workspace stores not yet past the consumer barrier
+thread_local long long t_acquired = -1;   // acquire epoch this thread got through the barrier
+
+// The split-K workspace of the launch (shared by all blocks, which run one after another in a
+// chosen order: no unit waits for another, so every order is an interleaving the device may
+// produce).
+struct Workspace {
+  std::mutex mu;
+  float* partials = nullptr;
+  unsigned* counters = nullptr;
+  long long floats = 0;
+  int tiles = 0, split = 1;
+  std::vector<unsigned char> writes;  // per float
+  std::vector<char> released;         // per slot (tile, slice)
+};
+Workspace g_ws;
+std::atomic<long long> g_ws_errors{0};
+
+void ws_error(const char* what) {
+  if (g_ws_errors.fetch_add(1) < 5) {
+    fprintf(stderr, "thread %d (block %d): %s\n", t_tid,
+            g_block != nullptr ? g_block->block : -1, what);
+  }
+}
 
 void sync_error(const char* what) {
   if (g_sync_errors.fetch_add(1) < 5) {
@@ -148,12 +199,28 @@ uint32_t sw128_model_address(uint32_t start, uint32_t sbo, int row, int k) {
 // Every slot of one stage against the definition, read through the swizzle model.
 template <typename T>
 void check_stage(BlockModel& b, int stage, long long completion) {
-  const long long it = completion * kStages + stage;
-  const int local_tile = static_cast<int>(it / b.plan.k_tiles);
-  const int kt = static_cast<int>(it % b.plan.k_tiles);
-  const int tile = b.block + local_tile * b.grid;
-  if (tile >= b.plan.n_tiles) {
-    sync_error("a stage filled past the block's last tile");
+  // The block's it-th reduction tile, walking its work units as the schedule defines them:
+  // units block, block + grid, ...; unit = slice * n_tiles + tile; slice s covers reduction
+  // tiles [s * k_tiles / split, (s + 1) * k_tiles / split).
+  long long it = completion * kStages + stage;
+  int tile = -1, kt = -1;
+  // With two problems: unit = (slice * 2 + problem) * n_tiles + tile.
+  int group = 0;
+  const int tiles_all = b.plan.groups * b.plan.n_tiles;
+  for (int unit = b.block; unit < b.plan.n_units; unit += b.grid) {
+    const int slice = unit / tiles_all;
+    const long long begin = static_cast<long long>(slice) * b.plan.k_tiles / b.split;
+    const long long end = static_cast<long long>(slice + 1) * b.plan.k_tiles / b.split;
+    if (it < end - begin) {
+      group = unit % tiles_all / b.plan.n_tiles;
+      tile = unit % b.plan.n_tiles;
+      kt = static_cast<int>(begin + it);
+      break;
+    }
+    it -= end - begin;
+  }
+  if (tile < 0) {
+    sync_error("a stage filled past the block's last work unit");
     return;
   }
   const int m0 = (tile / b.plan.tiles_n) * kBM, n0 = (tile % b.plan.tiles_n) * kBN;
@@ -162,15 +229,15 @@ void check_stage(BlockModel& b, int stage, long long completion) {
   for (int row = 0; row < kBM; ++row) {
     for (int k = 0; k < kBK; ++k) {
       const int r = kt * kBK + k;
-      const T ea = im2col<T>(*b.p, m0 + row, r);
-      const T eb = weight_at<T>(*b.p, n0 + row, r);
+      const T ea = im2col<T>(*b.p[group], m0 + row, r);
+      const T eb = weight_at<T>(*b.p[group], n0 + row, r);
       bad += std::memcmp(smem_at(sw128_model_address(a, 1024, row, k), 2), &ea, 2) != 0;
       bad += std::memcmp(smem_at(sw128_model_address(bb, 1024, row, k), 2), &eb, 2) != 0;
     }
   }
   if (bad > 0 && g_bad_smem.load() == 0) {
-    fprintf(stderr, "block %d tile %d k-tile %d stage %d: %lld wrong slots\n", b.block, tile, kt,
-            stage, bad);
+    fprintf(stderr, "block %d problem %d tile %d k-tile %d stage %d: %lld wrong slots\n",
+            b.block, group, tile, kt, stage, bad);
   }
   g_bad_smem.fetch_add(bad);
 }
@@ -385,6 +452,146 @@ void wgmma_wait(int pending) {
   t_wgmma_fenced = false;
 }
 
+// ---- split-K: the consumers' named barrier, gpu-scope fence and atomic, workspace accesses ----
+//
+// The rules checked (the PTX memory model's release/acquire pattern across blocks): a unit's
+// partial stores must all precede the consumer barrier, and a gpu-scope fence must follow that
+// barrier, before the tile counter arrival (release); the unit that arrives last must fence
+// after its arrival, and every thread must pass a consumer barrier after that fence, before it
+// reads any partial (acquire). A partial may be read only once its unit has arrived, may be
+// stored only once, and never after its unit's arrival.
+
+namespace {
+bool consumer_barrier(bool value) {
+  BlockModel& b = *g_block;
+  std::unique_lock<std::mutex> lock(b.mu);
+  if (t_ws_dirty) {
+    t_ws_dirty = false;
+    --b.dirty_threads;
+    b.synced_unfenced = true;
+  }
+  const long long gen = b.csync_generation;
+  b.csync_or = b.csync_or || value;
+  if (++b.csync_arrived == kConsumerThreads) {
+    b.csync_arrived = 0;
+    b.csync_result = b.csync_or;
+    b.csync_or = false;
+    b.csync_acquired = b.acquired;
+    ++b.csync_generation;
+    b.csync_cv.notify_all();
+  } else if (!b.csync_cv.wait_for(lock, std::chrono::seconds(20),
+                                  [&] { return b.csync_generation != gen; })) {
+    fprintf(stderr, "deadlock at the consumer barrier (thread %d)\n", t_tid);
+    std::_Exit(3);
+  }
+  t_acquired = b.csync_acquired;
+  return b.csync_result;
+}
+
+// Slot (tile * split + slice) and float index of a workspace address; -1 if outside.
+long long ws_index(const float* f) {
+  if (g_ws.partials == nullptr || f < g_ws.partials || f + 4 > g_ws.partials + g_ws.floats ||
+      (f - g_ws.partials) % 4 != 0) {
+    return -1;
+  }
+  return f - g_ws.partials;
+}
+}  // namespace
+
+void consumer_sync() {
+  if (t_tid < kProducerThreads) sync_error("the producer at the consumers' named barrier");
+  consumer_barrier(false);
+}
+
+bool consumer_sync_or(bool value) {
+  if (t_tid < kProducerThreads) sync_error("the producer at the consumers' named barrier");
+  return consumer_barrier(value);
+}
+
+void fence_gpu() {
+  BlockModel& b = *g_block;
+  std::lock_guard<std::mutex> lock(b.mu);
+  if (t_ws_dirty) {  // the thread's own stores are ordered by its own fence
+    t_ws_dirty = false;
+    --b.dirty_threads;
+  }
+  if (b.dirty_threads == 0) b.synced_unfenced = false;  // cumulative over the barrier
+  if (b.acquire_pending == b.epoch) b.acquired = b.epoch;
+}
+
+unsigned atomic_add(unsigned* counter, unsigned value) {
+  BlockModel& b = *g_block;
+  std::lock_guard<std::mutex> lock(b.mu);
+  const long long tile = counter - g_ws.counters;
+  if (g_ws.counters == nullptr || tile < 0 || tile >= g_ws.tiles) {
+    ws_error("atomic on an address outside the tile counters");
+    return 0;
+  }
+  if (b.dirty_threads > 0 || b.synced_unfenced) {
+    ws_error("tile counter arrival before the unit's partial stores are behind the consumer "
+             "barrier and a gpu-scope fence (release)");
+  }
+  std::lock_guard<std::mutex> ws_lock(g_ws.mu);
+  for (const long long slot : b.unreleased) {
+    if (slot / g_ws.split != tile) ws_error("a counter arrival on another tile's counter");
+    g_ws.released[static_cast<size_t>(slot)] = 1;
+  }
+  b.unreleased.clear();
+  ++b.epoch;
+  const unsigned old = counter[0];
+  counter[0] = old + value;
+  if (old + value == static_cast<unsigned>(g_ws.split)) b.acquire_pending = b.epoch;
+  return old;
+}
+
+void partial_store(float* dst, const float (&v)[4]) {
+  const long long i = ws_index(dst);
+  if (i < 0) {
+    ws_error("partial store outside the workspace (or not 16-byte aligned)");
+    return;
+  }
+  BlockModel& b = *g_block;
+  const long long slot = i / kTileFloats;
+  {  // never both locks at once in this order: atomic_add takes the block's, then g_ws's
+    std::lock_guard<std::mutex> lock(b.mu);
+    if (!t_ws_dirty) {
+      t_ws_dirty = true;
+      ++b.dirty_threads;
+    }
+    if (b.unreleased.empty() || b.unreleased.back() != slot) b.unreleased.push_back(slot);
+  }
+  std::lock_guard<std::mutex> ws_lock(g_ws.mu);
+  if (g_ws.released[static_cast<size_t>(slot)]) {
+    ws_error("partial stored after its unit's counter arrival");
+  }
+  for (int e = 0; e < 4; ++e) {
+    if (g_ws.writes[static_cast<size_t>(i + e)]++ != 0) ws_error("a partial stored twice");
+  }
+  std::memcpy(dst, v, sizeof v);
+}
+
+void partial_load(const float* src, float (&v)[4]) {
+  const long long i = ws_index(src);
+  if (i < 0) {
+    ws_error("partial load outside the workspace (or not 16-byte aligned)");
+    return;
+  }
+  BlockModel& b = *g_block;
+  {
+    std::lock_guard<std::mutex> lock(b.mu);
+    if (t_acquired != b.epoch) {
+      ws_error("partial read without an acquire (gpu-scope fence after the last arrival, then "
+               "the consumer barrier)");
+    }
+  }
+  std::lock_guard<std::mutex> ws_lock(g_ws.mu);
+  if (!g_ws.released[static_cast<size_t>(i / kTileFloats)] ||
+      g_ws.writes[static_cast<size_t>(i)] == 0) {
+    ws_error("partial read before its unit stored it and arrived");
+  }
+  std::memcpy(v, src, sizeof v);
+}
+
 }  // namespace sm90_host_model
 }  // namespace cuda
 }  // namespace vidconv
@@ -405,60 +612,134 @@ std::vector<T> read_file(const char* dir, const char* name, size_t count) {
   return v;
 }
 
-// The kernel's store, counting writes per element.
+// The kernel's store, counting writes per element (problem g's counters from g * count on).
 template <typename T>
 struct CountingStore {
   Sm90PairStore<T> store;
   std::vector<std::atomic<int>>* writes;
-  void operator()(int m, int col, float v0, float v1, bool has1) const {
-    store(m, col, v0, v1, has1);
-    (*writes)[static_cast<size_t>(m) * store.k + col].fetch_add(1);
-    if (has1) (*writes)[static_cast<size_t>(m) * store.k + col + 1].fetch_add(1);
+  size_t count;
+  void operator()(int group, int m, int col, float v0, float v1, bool has1) const {
+    store(group, m, col, v0, v1, has1);
+    const size_t at = group * count + static_cast<size_t>(m) * store.k + col;
+    (*writes)[at].fetch_add(1);
+    if (has1) (*writes)[at + 1].fetch_add(1);
   }
 };
 
+// One problem's tensors, read from DIR/x{suffix}.bin, w{suffix}.bin, b{suffix}.bin.
 template <typename T>
-int run(StConvArgs p, int grid_arg, bool has_bias, const char* dir) {
+struct Problem {
+  std::vector<T> x, w, out;
+  std::vector<float> bias;
+  std::vector<uint4> packed;
+  StConvArgs args{};
+};
+
+template <typename T>
+int run(StConvArgs p, int grid_arg, int split, int order, int groups, bool has_bias,
+        const char* dir) {
   const size_t x_count = (size_t)p.n * p.t * p.h * p.w * p.c;
   const size_t w_count = (size_t)p.k * p.kt * p.kh * p.kw * p.c;
   const size_t out_count = (size_t)p.n * p.to * p.ho * p.wo * p.k;
-  std::vector<T> x = read_file<T>(dir, "x.bin", x_count);
-  std::vector<T> w = read_file<T>(dir, "w.bin", w_count);
-  std::vector<float> bias;
-  if (has_bias) bias = read_file<float>(dir, "b.bin", p.k);
-  std::vector<T> out(out_count);
-  std::memset(out.data(), 0xFF, out_count * sizeof(T));
-  std::vector<std::atomic<int>> writes(out_count);
-  p.input = x.data();
-  p.weight = w.data();
-  p.bias = has_bias ? bias.data() : nullptr;
-  p.out = out.data();
+  if (groups < 1 || groups > kMaxGroup) {
+    fprintf(stderr, "GROUPS must be 1 or 2, got %d\n", groups);
+    return 2;
+  }
+  std::vector<Problem<T>> problems(static_cast<size_t>(groups));
+  for (int g = 0; g < groups; ++g) {
+    Problem<T>& q = problems[static_cast<size_t>(g)];
+    const char* suffix = g == 0 ? "" : "1";
+    char name[64];
+    snprintf(name, sizeof name, "x%s.bin", suffix);
+    q.x = read_file<T>(dir, name, x_count);
+    snprintf(name, sizeof name, "w%s.bin", suffix);
+    q.w = read_file<T>(dir, name, w_count);
+    snprintf(name, sizeof name, "b%s.bin", suffix);
+    if (has_bias) q.bias = read_file<float>(dir, name, p.k);
+    q.out.resize(out_count);
+    std::memset(q.out.data(), 0xFF, out_count * sizeof(T));
+    q.args = p;
+    q.args.input = q.x.data();
+    q.args.weight = q.w.data();
+    q.args.bias = has_bias ? q.bias.data() : nullptr;
+    q.args.out = q.out.data();
+  }
+  std::vector<std::atomic<int>> writes(out_count * groups);
+  p = problems[0].args;
   const ConvType type = std::is_same<T, __half>::value ? ConvType::kFloat16 : ConvType::kBFloat16;
   if (sm90_check_shape(p, type) != kSm90Ok) {
     fprintf(stderr, "shape unsupported: %s\n", sm90_status_message(sm90_check_shape(p, type)));
     return 4;
   }
-  const Sm90Plan plan = sm90_plan(p);
-  const int grid = grid_arg > 0 && grid_arg < plan.n_tiles ? grid_arg : plan.n_tiles;
+  if (sm90_check_split(p, split) != kSm90Ok) {
+    fprintf(stderr, "split unsupported: %s\n", sm90_status_message(sm90_check_split(p, split)));
+    return 4;
+  }
+  const StConvArgs group_args[kMaxGroup] = {problems[0].args, problems[groups - 1].args};
+  if (sm90_check_group(group_args, groups) != kSm90Ok) {
+    fprintf(stderr, "group unsupported\n");
+    return 4;
+  }
+  const Sm90Plan plan = sm90_plan(p, split, groups);
+  const int grid = grid_arg > 0 && grid_arg < plan.n_units ? grid_arg : plan.n_units;
+  // The launcher's workspace: partials (NaN: an unstored one read shows in the result), then the
+  // counters, zeroed as the launcher does on the stream.
+  const long long ws_bytes = sm90_workspace_bytes(p, split, groups);
+  std::vector<uint4> workspace(static_cast<size_t>((ws_bytes + 15) / 16));
+  std::memset(workspace.data(), 0xFF, workspace.size() * 16);
+  Sm90SplitK ws{nullptr, nullptr};
+  const int work_tiles = groups * plan.n_tiles;
+  if (split > 1) {
+    ws.partials = reinterpret_cast<float*>(workspace.data());
+    ws.counters = reinterpret_cast<unsigned*>(reinterpret_cast<unsigned char*>(workspace.data()) +
+                                              splitk_partial_bytes(plan));
+    std::memset(ws.counters, 0, sizeof(unsigned) * static_cast<size_t>(work_tiles));
+    g_ws.partials = ws.partials;
+    g_ws.counters = ws.counters;
+    g_ws.floats = splitk_partial_bytes(plan) / 4;
+    g_ws.tiles = work_tiles;
+    g_ws.split = split;
+    g_ws.writes.assign(static_cast<size_t>(g_ws.floats), 0);
+    g_ws.released.assign(static_cast<size_t>(work_tiles) * split, 0);
+  }
+  // The order blocks run in: 0 ascending, 1 descending, else a permutation seeded by `order`.
+  // Blocks run one after another, so the order decides which unit of a tile arrives last.
+  std::vector<int> blocks(static_cast<size_t>(grid));
+  for (int i = 0; i < grid; ++i) blocks[static_cast<size_t>(i)] = order == 1 ? grid - 1 - i : i;
+  if (order > 1) {
+    unsigned long long state = static_cast<unsigned long long>(order) * 0x9E3779B97F4A7C15ULL;
+    for (int i = grid - 1; i > 0; --i) {
+      state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+      std::swap(blocks[static_cast<size_t>(i)], blocks[(state >> 33) % (i + 1)]);
+    }
+  }
   // The launcher's weight repack, through the kernel's own pack_weight_vector.
-  std::vector<uint4> packed(static_cast<size_t>(packed_weight_bytes(plan) / 16));
-  std::memset(packed.data(), 0, packed.size() * 16);
-  for (int kf = 0; kf < p.k; ++kf) {
-    for (int gv = 0; gv < plan.n_vec; ++gv) {
-      pack_weight_vector(static_cast<const unsigned char*>(p.weight),
-                         reinterpret_cast<unsigned char*>(packed.data()), plan, kf, gv);
+  for (Problem<T>& q : problems) {
+    q.packed.assign(static_cast<size_t>(packed_weight_bytes(plan) / 16), uint4{0, 0, 0, 0});
+    for (int kf = 0; kf < p.k; ++kf) {
+      for (int gv = 0; gv < plan.n_vec; ++gv) {
+        pack_weight_vector(static_cast<const unsigned char*>(q.args.weight),
+                           reinterpret_cast<unsigned char*>(q.packed.data()), plan, kf, gv);
+      }
     }
   }
   StConvArgs kernel_args = p;
-  kernel_args.weight = packed.data();
-  const CountingStore<T> store{{static_cast<T*>(p.out), p.k}, &writes};
-  for (int block = 0; block < grid; ++block) {
+  kernel_args.weight = problems[0].packed.data();
+  Sm90Second second{nullptr, nullptr, nullptr, nullptr};
+  if (groups > 1) {
+    const Problem<T>& q = problems[1];
+    second = {q.args.input, q.packed.data(), q.args.bias, q.args.out};
+  }
+  const CountingStore<T> store{
+      {static_cast<T*>(p.out), static_cast<T*>(second.out), p.k}, &writes, out_count};
+  for (const int block : blocks) {
     BlockModel model;
     model.smem.assign(static_cast<size_t>(sm90_smem_bytes(plan.n_vec)), 0xA5);
-    model.p = &p;
+    for (int g = 0; g < groups; ++g) model.p[g] = &problems[static_cast<size_t>(g)].args;
     model.plan = plan;
     model.block = block;
     model.grid = grid;
+    model.split = split;
     model.bf16 = type == ConvType::kBFloat16;
     const uint32_t raw = kWindowBase;
     model.aligned = (raw + kSmemAlign - 1) / kSmemAlign * kSmemAlign;
@@ -468,7 +749,8 @@ int run(StConvArgs p, int grid_arg, bool has_bias, const char* dir) {
     for (int tid = 0; tid < kThreads; ++tid) {
       threads.emplace_back([&, tid] {
         t_tid = tid;
-        sm90_block<T>(kernel_args, plan, model.smem.data(), tid, block, grid, store);
+        sm90_block<T>(kernel_args, plan, model.smem.data(), tid, block, grid, ws, second,
+                      store);
         if (!t_pending.empty()) sync_error("thread left with wgmma in flight");
       });
     }
@@ -483,32 +765,48 @@ int run(StConvArgs p, int grid_arg, bool has_bias, const char* dir) {
     unwritten += c.load() == 0;
     rewritten += c.load() > 1;
   }
-  char path[1024];
-  snprintf(path, sizeof path, "%s/out.bin", dir);
-  FILE* f = fopen(path, "wb");
-  if (f == nullptr || fwrite(out.data(), sizeof(T), out_count, f) != out_count) {
-    fprintf(stderr, "cannot write %s\n", path);
-    return 2;
+  // Every unit arrived exactly once, and stored its whole partial tile.
+  long long counter_errors = 0, ws_unstored = 0;
+  if (split > 1) {
+    for (int tile = 0; tile < work_tiles; ++tile) {
+      counter_errors += ws.counters[tile] != static_cast<unsigned>(split);
+    }
+    for (const unsigned char w : g_ws.writes) ws_unstored += w == 0;
   }
-  fclose(f);
-  printf("tile=%s blocks=%d tiles=%d k_tiles=%d outputs=%zu bad_smem=%lld smem_oob=%lld "
-         "sync_errors=%lld unwritten=%lld rewritten=%lld\n",
-         sm90_tile_name(), grid, plan.n_tiles, plan.k_tiles, out_count, g_bad_smem.load(),
-         g_oob.load(), g_sync_errors.load(), unwritten, rewritten);
+  for (int g = 0; g < groups; ++g) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/out%s.bin", dir, g == 0 ? "" : "1");
+    FILE* f = fopen(path, "wb");
+    const std::vector<T>& out = problems[static_cast<size_t>(g)].out;
+    if (f == nullptr || fwrite(out.data(), sizeof(T), out_count, f) != out_count) {
+      fprintf(stderr, "cannot write %s\n", path);
+      return 2;
+    }
+    fclose(f);
+  }
+  printf("tile=%s blocks=%d tiles=%d k_tiles=%d split=%d groups=%d units=%d outputs=%zu "
+         "bad_smem=%lld smem_oob=%lld sync_errors=%lld unwritten=%lld rewritten=%lld "
+         "ws_errors=%lld ws_unstored=%lld counter_errors=%lld\n",
+         sm90_tile_name(), grid, plan.n_tiles, plan.k_tiles, plan.split_k, plan.groups,
+         plan.n_units, out_count * groups, g_bad_smem.load(), g_oob.load(), g_sync_errors.load(), unwritten, rewritten,
+         g_ws_errors.load(), ws_unstored, counter_errors);
   return 0;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 21) {
+  if (argc != 24) {
     fprintf(stderr,
-            "usage: %s TYPE GRID N C T H W K kt kh kw st sh sw pt ph pw relu has_bias DIR\n",
+            "usage: %s TYPE GRID SPLIT ORDER GROUPS N C T H W K kt kh kw st sh sw pt ph pw relu "
+            "has_bias DIR\n",
             argv[0]);
     return 2;
   }
-  int v[19];
-  for (int i = 0; i < 19; ++i) v[i] = atoi(argv[1 + i]);
+  int v[22];
+  for (int i = 0; i < 22; ++i) v[i] = atoi(argv[1 + i]);
+  const int split = v[2], order = v[3], groups = v[4];
+  for (int i = 2; i < 19; ++i) v[i] = v[i + 3];  // N .. has_bias where they were without them
   StConvArgs p{};
   p.n = v[2], p.c = v[3], p.t = v[4], p.h = v[5], p.w = v[6], p.k = v[7];
   p.kt = v[8], p.kh = v[9], p.kw = v[10], p.st = v[11], p.sh = v[12], p.sw = v[13];
@@ -518,8 +816,8 @@ int main(int argc, char** argv) {
   p.ho = (p.h + 2 * p.ph - p.kh) / p.sh + 1;
   p.wo = (p.w + 2 * p.pw - p.kw) / p.sw + 1;
   const bool has_bias = v[18] != 0;
-  if (v[0] == 1) return run<__half>(p, v[1], has_bias, argv[20]);
-  if (v[0] == 2) return run<__nv_bfloat16>(p, v[1], has_bias, argv[20]);
+  if (v[0] == 1) return run<__half>(p, v[1], split, order, groups, has_bias, argv[23]);
+  if (v[0] == 2) return run<__nv_bfloat16>(p, v[1], split, order, groups, has_bias, argv[23]);
   fprintf(stderr, "TYPE must be 1 (float16) or 2 (bfloat16), got %d\n", v[0]);
   return 2;
 }

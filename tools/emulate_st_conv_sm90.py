@@ -16,6 +16,14 @@ block per tile, and for every case checks:
   barriers left mid-phase, shared accesses outside the launch's dynamic shared memory; a
   deadlock ends the run;
 - every output element is written exactly once (write counters; the output starts as NaN);
+- with split-K (``split`` > 1): every work unit stores its whole partial tile exactly once and
+  arrives exactly once on its tile's counter; no partial is stored after its unit's arrival or
+  read before it; the release (stores, consumer barrier, gpu-scope fence, then the arrival) and
+  acquire (fence after the last arrival, then the barrier, then the reads) orderings hold; and
+  blocks run in a chosen order (``order``: ascending, descending, shuffled), so which unit of a
+  tile arrives last varies between runs of one case;
+- with ``groups`` = 2 (a grouped launch of two problems of one shape): every stage against the
+  problem its work unit belongs to, both outputs written once and right;
 - the output matches float64 ``F.conv3d`` + bias + ReLU on the same (rounded) inputs within
   1e-2 of the largest reference value.
 
@@ -46,7 +54,15 @@ from emulate_st_conv import CASES, random_cases  # noqa: E402
 
 TYPES = {torch.float16: 1, torch.bfloat16: 2}
 TOL = 1e-2
-STATS_ZERO = ("bad_smem", "smem_oob", "sync_errors", "unwritten", "rewritten")
+STATS_ZERO = ("bad_smem", "smem_oob", "sync_errors", "unwritten", "rewritten", "ws_errors",
+              "ws_unstored", "counter_errors")
+
+# Shapes for split-K: few tiles, long reductions (a 7x7-like layer across a 128-filter edge), and
+# a reduction of 9 tiles (no split in {2, 4, 8} divides it) over two filter tiles.
+SPLIT_CASES = [
+    ("conv5_7x7", 1, 128, 130, (1, 3, 3), (1, 1, 1), (0, 1, 1), (1, 7, 7)),
+    ("c64_k9tiles", 2, 64, 160, (1, 3, 3), (1, 1, 1), (0, 1, 1), (1, 5, 6)),
+]
 
 # Shapes aimed at this kernel's tiles (128 x 128 x 64): K across a 128-filter edge, a reduction
 # of exactly one and just over one 64-wide tile, M exactly one tile and one past it.
@@ -67,47 +83,87 @@ def build(work: Path, kernel_root: Path = ROOT) -> Path:
 
 
 def run_case(exe: Path, work: Path, case: tuple, dtype: torch.dtype, relu: bool,
-             has_bias: bool, seed: int, grid: int = 0) -> tuple[bool, str]:
-    """Emulate one launch (`grid` persistent blocks, 0 = one per tile) and compare."""
+             has_bias: bool, seed: int, grid: int = 0, split: int = 1,
+             order: int = 0, groups: int = 1) -> tuple[bool, str]:
+    """Emulate one launch and compare; the output stays in work/out.bin (and out1.bin).
+
+    `grid` persistent blocks (0 = one per work unit), `split` reduction slices per tile, blocks
+    run in `order` (0 ascending, 1 descending, >1 a permutation seeded by it), `groups` 2: a
+    grouped launch of two problems of the case's sizes with their own random tensors.
+    """
     name, n, c, k, ks, st, pd, thw = case
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, c, *thw, generator=gen).to(dtype)
-    w = (torch.randn(k, c, *ks, generator=gen) / math.sqrt(c * math.prod(ks))).to(dtype)
-    b = (torch.randn(k, generator=gen) * 0.5 + 0.5) if has_bias else None
     cp = -(-c // 8) * 8
-    # The launcher's layout: NTHWC and (K, kt, kh, kw, C), C zero-padded to 8.
-    xp = torch.zeros(n, *thw, cp, dtype=dtype)
-    xp[..., :c] = x.permute(0, 2, 3, 4, 1)
-    wp = torch.zeros(k, *ks, cp, dtype=dtype)
-    wp[..., :c] = w.permute(0, 2, 3, 4, 1)
-    xp.view(torch.uint8).numpy().tofile(work / "x.bin")
-    wp.view(torch.uint8).numpy().tofile(work / "w.bin")
-    if b is not None:
-        b.float().numpy().tofile(work / "b.bin")
-    args = [TYPES[dtype], grid, n, cp, *thw, k, *ks, *st, *pd, int(relu), int(has_bias)]
+    refs = []
+    for g in range(groups):
+        suffix = "" if g == 0 else "1"
+        x = torch.randn(n, c, *thw, generator=gen).to(dtype)
+        w = (torch.randn(k, c, *ks, generator=gen) / math.sqrt(c * math.prod(ks))).to(dtype)
+        b = (torch.randn(k, generator=gen) * 0.5 + 0.5) if has_bias else None
+        # The launcher's layout: NTHWC and (K, kt, kh, kw, C), C zero-padded to 8.
+        xp = torch.zeros(n, *thw, cp, dtype=dtype)
+        xp[..., :c] = x.permute(0, 2, 3, 4, 1)
+        wp = torch.zeros(k, *ks, cp, dtype=dtype)
+        wp[..., :c] = w.permute(0, 2, 3, 4, 1)
+        xp.view(torch.uint8).numpy().tofile(work / f"x{suffix}.bin")
+        wp.view(torch.uint8).numpy().tofile(work / f"w{suffix}.bin")
+        if b is not None:
+            b.float().numpy().tofile(work / f"b{suffix}.bin")
+        ref = F.conv3d(x.double(), w.double(), None if b is None else b.double(), st, pd)
+        refs.append(ref.clamp_min(0) if relu else ref)
+    args = [TYPES[dtype], grid, split, order, groups, n, cp, *thw, k, *ks, *st, *pd, int(relu),
+            int(has_bias)]
     res = subprocess.run([str(exe), *map(str, args), str(work)], capture_output=True, text=True,
                          timeout=600)
     if res.returncode != 0:
         return False, f"{name:15s} {str(dtype):15s} emulator failed ({res.returncode}): " + \
             res.stderr.strip()[-500:]
     stats = dict(kv.split("=") for kv in res.stdout.split())
-    ref = F.conv3d(x.double(), w.double(), None if b is None else b.double(), st, pd)
-    if relu:
-        ref = ref.clamp_min(0)
-    raw = torch.frombuffer(bytearray((work / "out.bin").read_bytes()), dtype=torch.uint8)
-    out = raw.view(dtype).reshape(n, *ref.shape[2:], k).permute(0, 4, 1, 2, 3).double()
-    scale = ref.abs().max().item()
-    err = (out - ref).abs().max().item() / (scale if scale > 0 else 1.0)
-    ok = (all(stats[key] == "0" for key in STATS_ZERO) and not out.isnan().any().item()
-          and err < TOL)
-    line = (f"{name:15s} {str(dtype):15s} tile={stats['tile']} blocks={stats['blocks']:>3s}/"
-            f"{stats['tiles']:<3s} k_tiles={stats['k_tiles']:>3s} relu={int(relu)} "
+    err, nan = 0.0, False
+    for g, ref in enumerate(refs):
+        raw = torch.frombuffer(bytearray((work / f"out{'' if g == 0 else '1'}.bin").read_bytes()),
+                               dtype=torch.uint8)
+        out = raw.view(dtype).reshape(n, *ref.shape[2:], k).permute(0, 4, 1, 2, 3).double()
+        scale = ref.abs().max().item()
+        err = max(err, (out - ref).abs().max().item() / (scale if scale > 0 else 1.0))
+        nan = nan or out.isnan().any().item()
+    ok = all(stats[key] == "0" for key in STATS_ZERO) and not nan and err < TOL
+    line = (f"{name:15s} {str(dtype):15s} tile={stats['tile']} blocks={stats['blocks']:>3s} "
+            f"units={stats['units']} tiles={stats['tiles']} k_tiles={stats['k_tiles']} "
+            f"split={stats['split']} groups={stats['groups']} order={order} relu={int(relu)} "
             f"bias={int(has_bias)} outputs={stats['outputs']:>6s} "
             + " ".join(f"{key}={stats[key]}" for key in STATS_ZERO)
             + f" rel_err={err:.2e} {'OK' if ok else 'FAIL'}")
     if res.stderr.strip():
         line += "\n    " + res.stderr.strip()[-500:]
     return ok, line
+
+
+def split_cases(work: Path, exe: Path, quick: bool) -> list[tuple[bool, str]]:
+    """Split-K runs: each case at splits 2/4/8 (as far as its reduction allows), with a small
+    persistent grid and one block per unit, in three block orders; the output must be
+    bit-identical across orders (the slice-ordered reduction does not depend on which unit of a
+    tile arrives last). Returns (ok, line) per run."""
+    results = []
+    cases = SPLIT_CASES[:1] if quick else SPLIT_CASES + [CASES[5], CASES[8]]
+    for i, case in enumerate(cases):
+        dtype = (torch.bfloat16, torch.float16)[i % 2]
+        k_tiles = -(-math.prod(case[4]) * -(-case[2] // 8) // 8)
+        for split in (2, 4, 8):
+            if split > k_tiles:
+                continue
+            grid = (3, 0)[(i + split) % 2]
+            outputs = []
+            for order in (0, 1, 7):
+                ok, line = run_case(exe, work, case, dtype, relu=split != 4, has_bias=True,
+                                    seed=i, grid=grid, split=split, order=order)
+                outputs.append((work / "out.bin").read_bytes() if ok else b"")
+                results.append((ok, line))
+            same = all(o == outputs[0] and o for o in outputs)
+            results.append((same, f"{case[0]:15s} {str(dtype):15s} split={split} grid={grid}: "
+                                  f"outputs bit-identical across block orders "
+                                  f"{'OK' if same else 'FAIL'}"))
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cases = CASES + SM90_CASES + random_cases(8, seed=11)
         failures = runs = 0
+        split_runs = split_cases(work, exe, quick=args.quick)
+        for ok, line in split_runs:
+            print(line, flush=True)
+            failures += not ok
+            runs += 1
         for i, case in enumerate(cases):
             for j, dtype in enumerate(TYPES):
                 # Alternate a 2-block persistent grid (several tiles per block) with one block

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "cuda/st_conv3d_kernel.h"
@@ -183,27 +184,101 @@ at::Tensor st_conv3d_fused_cuda(const at::Tensor& x, const at::Tensor& weight,
                    });
 }
 
-// The Hopper kernel (st_conv3d_sm90_kernel.cu): its launcher answers why it cannot run (not
-// built for sm_90a, not a 9.0 device, shape) before launching anything; that becomes the error.
+// The Hopper kernel (st_conv3d_sm90_kernel.cu) on args[0 .. count): one problem, or the two of a
+// grouped launch. Picks the split factor when split_k is 0, allocates the packed weights and the
+// split-K workspace (stream-ordered: the allocator reuses them only after the launch); the
+// launcher answers why it cannot run (not built for sm_90a, not a 9.0 device, shape) before
+// launching anything, and that becomes the error.
+void launch_sm90(const char* op, const cuda::StConvArgs* args, int count, cuda::ConvType type,
+                 int64_t split_k, const at::Tensor& x, const at::Tensor& weight,
+                 cudaStream_t stream) {
+  int split = static_cast<int>(split_k);
+  if (split == 0) {
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+    split = cuda::sm90_choose_split(args[0], sms);
+  }
+  TORCH_CHECK(cuda::sm90_check_split(args[0], split) == cuda::kSm90Ok, op,
+              ": split_k must be at most the reduction's ", cuda::sm90_reduction_tiles(args[0]),
+              " 64-wide tiles (kt*kh*kw*C/64, C padded to 8) for weight ", weight.sizes(),
+              ", got ", split);
+  std::vector<at::Tensor> packed;
+  void* packed_ptrs[2] = {nullptr, nullptr};
+  for (int g = 0; g < count; ++g) {
+    packed.push_back(
+        at::empty({cuda::sm90_packed_weight_bytes(args[g])}, x.options().dtype(at::kByte)));
+    packed_ptrs[g] = packed.back().data_ptr();
+  }
+  const long long ws_bytes = cuda::sm90_workspace_bytes(args[0], split, count);
+  at::Tensor workspace;
+  if (ws_bytes > 0) {
+    workspace = at::empty({ws_bytes}, x.options().dtype(at::kByte));
+  }
+  const int status = cuda::launch_st_conv3d_sm90_grouped(
+      args, count, type, packed_ptrs, split,
+      workspace.defined() ? workspace.data_ptr() : nullptr, stream);
+  TORCH_CHECK(status == cuda::kSm90Ok, op, ": ", cuda::sm90_status_message(status), " (x ",
+              x.sizes(), ", weight ", weight.sizes(), ", split_k ", split, ", device ",
+              x.device(), ")");
+}
+
+void check_sm90_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                       at::IntArrayRef padding, int64_t split_k) {
+  check_inputs(x, weight, bias, stride, padding);
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(split_k >= 0 && split_k <= 16, op,
+              ": split_k must be 0 (automatic) or in [1, 16], got ", split_k);
+}
+
 at::Tensor st_conv3d_fused_sm90_cuda(const at::Tensor& x, const at::Tensor& weight,
                                      const std::optional<at::Tensor>& bias,
-                                     at::IntArrayRef stride, at::IntArrayRef padding, bool relu) {
-  check_inputs(x, weight, bias, stride, padding);
+                                     at::IntArrayRef stride, at::IntArrayRef padding, bool relu,
+                                     int64_t split_k) {
+  constexpr const char* op = "st_conv3d_fused_sm90";
+  check_sm90_inputs(op, x, weight, bias, stride, padding, split_k);
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::ScalarType dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
-              "st_conv3d_fused_sm90: x must be float16 or bfloat16, got ", dtype);
-  return run_fused(x, weight, bias, stride, padding, relu, conv_type(dtype),
+  return run_fused(x, weight, bias, stride, padding, relu, conv_type(x.scalar_type()),
                    [&](const cuda::StConvArgs& args, cuda::ConvType t, cudaStream_t stream) {
-                     // Stream-ordered: the allocator reuses it only after the launch.
-                     const at::Tensor packed = at::empty(
-                         {cuda::sm90_packed_weight_bytes(args)}, x.options().dtype(at::kByte));
-                     const int status =
-                         cuda::launch_st_conv3d_sm90(args, t, packed.data_ptr(), stream);
-                     TORCH_CHECK(status == cuda::kSm90Ok, "st_conv3d_fused_sm90: ",
-                                 cuda::sm90_status_message(status), " (x ", x.sizes(),
-                                 ", weight ", weight.sizes(), ", device ", x.device(), ")");
+                     launch_sm90(op, &args, 1, t, split_k, x, weight, stream);
                    });
+}
+
+// Two problems of identical sizes (the multires fovea and context streams), their own tensors,
+// in one launch whose work units span both.
+std::tuple<at::Tensor, at::Tensor> st_conv3d_fused_sm90_grouped_cuda(
+    const at::Tensor& x0, const at::Tensor& weight0, const std::optional<at::Tensor>& bias0,
+    const at::Tensor& x1, const at::Tensor& weight1, const std::optional<at::Tensor>& bias1,
+    at::IntArrayRef stride, at::IntArrayRef padding, bool relu, int64_t split_k) {
+  constexpr const char* op = "st_conv3d_fused_sm90_grouped";
+  check_sm90_inputs(op, x0, weight0, bias0, stride, padding, split_k);
+  check_sm90_inputs(op, x1, weight1, bias1, stride, padding, split_k);
+  TORCH_CHECK(x1.sizes() == x0.sizes() && weight1.sizes() == weight0.sizes(), op,
+              ": both problems must have the same sizes, got x0 ", x0.sizes(), ", x1 ",
+              x1.sizes(), ", weight0 ", weight0.sizes(), ", weight1 ", weight1.sizes());
+  TORCH_CHECK(x1.scalar_type() == x0.scalar_type() && x1.device() == x0.device(), op,
+              ": x1 must have x0's dtype and device, got ", x1.scalar_type(), " on ",
+              x1.device(), " and ", x0.scalar_type(), " on ", x0.device());
+  const c10::cuda::CUDAGuard guard(x0.device());
+  const cuda::ConvType type = conv_type(x0.scalar_type());
+  at::Tensor out1;
+  at::Tensor out0 = run_fused(
+      x0, weight0, bias0, stride, padding, relu, type,
+      [&](const cuda::StConvArgs& args0, cuda::ConvType t, cudaStream_t) {
+        // Problem 1 prepared the same way; its launch is the grouped one.
+        out1 = run_fused(x1, weight1, bias1, stride, padding, relu, t,
+                         [&](const cuda::StConvArgs& args1, cuda::ConvType t1,
+                             cudaStream_t stream) {
+                           const cuda::StConvArgs both[2] = {args0, args1};
+                           launch_sm90(op, both, 2, t1, split_k, x0, weight0, stream);
+                         });
+      });
+  if (!out1.defined()) {
+    // No launch (an empty output or reduction): problem 1 the same way on its own.
+    out1 = st_conv3d_fused_sm90_cuda(x1, weight1, bias1, stride, padding, relu, split_k);
+  }
+  return {out0, out1};
 }
 
 }  // namespace
@@ -211,6 +286,7 @@ at::Tensor st_conv3d_fused_sm90_cuda(const at::Tensor& x, const at::Tensor& weig
 TORCH_LIBRARY_IMPL(vidconv, CUDA, m) {
   m.impl("st_conv3d_fused", &st_conv3d_fused_cuda);
   m.impl("st_conv3d_fused_sm90", &st_conv3d_fused_sm90_cuda);
+  m.impl("st_conv3d_fused_sm90_grouped", &st_conv3d_fused_sm90_grouped_cuda);
 }
 
 }  // namespace vidconv

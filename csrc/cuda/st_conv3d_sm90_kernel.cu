@@ -36,6 +36,17 @@
 //   so the producer prefetches the next tile while the consumers run this tile's epilogue.
 // - Fused epilogue straight from the wgmma accumulator fragments: bias, ReLU, cast, each output
 //   element written once (NTHWK, i.e. (N, K, T', H', W') in channels_last_3d memory).
+// - Split-K for layers whose 128x128 tiles leave SMs idle (the 14x14 / 7x7 layers at batch 32,
+//   the multires streams): the persistent loop runs over work units (tile, reduction slice);
+//   every unit stores its fp32 partial tile to a workspace and arrives on a per-tile counter
+//   (release fence, atomic), and the last to arrive (acquire fence) sums the slices in slice
+//   order and runs the epilogue once. No unit waits for another (no co-residency assumption),
+//   and the sum order is fixed, so results are the same whichever unit finishes last.
+//   split_k = 1 skips all of it: the same code path and results as without split-K.
+// - Grouped launch: two problems of identical sizes with their own input, weight, bias and
+//   output (the multires fovea and context streams) in one persistent launch, their work units
+//   interleaved in one schedule (Sm90Second holds the second problem's pointers); one problem is
+//   the plain launch.
 //
 // The per-thread pieces (tap table, producer address arithmetic and operand selection, the
 // swizzle, the descriptors, pipeline stage/phase bookkeeping, accumulator -> output mapping,
@@ -93,6 +104,12 @@ void wgmma_fence();
 void wgmma_m64n128k16(float* d, uint64_t desc_a, uint64_t desc_b, bool bf16);
 void wgmma_commit();
 void wgmma_wait(int pending);
+void consumer_sync();
+bool consumer_sync_or(bool value);
+void fence_gpu();
+unsigned atomic_add(unsigned* counter, unsigned value);
+void partial_store(float* dst, const float (&v)[4]);
+void partial_load(const float* src, float (&v)[4]);
 }  // namespace sm90_host_model
 #define ST90_HOST(call) sm90_host_model::call
 #else
@@ -105,6 +122,8 @@ namespace sm90 {
 
 constexpr int kBM = 128, kBN = 128, kBK = 64;  // kBK 16-bit elements = one 128-byte row
 constexpr int kStages = 4;
+constexpr int kMaxSplitK = 16;  // sm90_status_message quotes this limit
+constexpr int kMaxGroup = 2;    // problems of one grouped launch (the two multires streams)
 constexpr int kVec = 8;                          // 16-bit elements per 16-byte copy
 constexpr int kVecPerRow = kBK / kVec;           // 8 chunks of 16 bytes per swizzle row
 constexpr int kProducerThreads = 128, kConsumerThreads = 256;
@@ -393,6 +412,96 @@ struct Wgmma<__half> {
   }
 };
 
+// ---- split-K handshake: named barrier, gpu-scope fence and atomic, L2 partials ----------------
+
+// The 256 consumer threads only (named barrier 1; the producer warpgroup never waits on it).
+__host__ __device__ __forceinline__ void consumer_sync() {
+#if ST90_HOPPER
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+#elif ST90_OTHER_DEVICE
+  __trap();
+#else
+  ST90_HOST(consumer_sync());
+#endif
+}
+
+// consumer_sync() that also returns whether `value` was true in any consumer thread.
+__host__ __device__ __forceinline__ bool consumer_sync_or(bool value) {
+#if ST90_HOPPER
+  uint32_t any = 0;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 q, %1, 0;\n bar.red.or.pred p, 1, 256, q;\n"
+      " selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(any)
+      : "r"(static_cast<uint32_t>(value))
+      : "memory");
+  return any != 0;
+#elif ST90_OTHER_DEVICE
+  (void)value;
+  __trap();
+  return false;
+#elif defined(VIDCONV_SM90_HOST_MODEL)
+  return sm90_host_model::consumer_sync_or(value);
+#else
+  (void)value;
+  std::abort();
+#endif
+}
+
+// Orders this thread's (and, after a barrier, its block's) global accesses before / after the
+// ones that follow, at GPU scope: the release before a tile counter arrival and the acquire after
+// the last one.
+__host__ __device__ __forceinline__ void fence_gpu() {
+#if ST90_HOPPER
+  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+#elif ST90_OTHER_DEVICE
+  __trap();
+#else
+  ST90_HOST(fence_gpu());
+#endif
+}
+
+__host__ __device__ __forceinline__ unsigned atomic_add_gpu(unsigned* counter, unsigned value) {
+#if ST90_HOPPER
+  return atomicAdd(counter, value);
+#elif ST90_OTHER_DEVICE
+  (void)counter, (void)value;
+  __trap();
+  return 0;
+#elif defined(VIDCONV_SM90_HOST_MODEL)
+  return sm90_host_model::atomic_add(counter, value);
+#else
+  (void)counter, (void)value;
+  std::abort();
+#endif
+}
+
+// Four fp32 partial sums to / from the workspace, cached in L2 only (.cg): another SM reads them.
+__host__ __device__ __forceinline__ void partial_store(float* dst, const float (&v)[4]) {
+#if ST90_HOPPER
+  __stcg(reinterpret_cast<float4*>(dst), make_float4(v[0], v[1], v[2], v[3]));
+#elif ST90_OTHER_DEVICE
+  (void)dst, (void)v;
+  __trap();
+#else
+  (void)dst, (void)v;
+  ST90_HOST(partial_store(dst, v));
+#endif
+}
+
+__host__ __device__ __forceinline__ void partial_load(const float* src, float (&v)[4]) {
+#if ST90_HOPPER
+  const float4 f = __ldcg(reinterpret_cast<const float4*>(src));
+  v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+#elif ST90_OTHER_DEVICE
+  (void)src, (void)v;
+  __trap();
+#else
+  (void)src, (void)v;
+  ST90_HOST(partial_load(src, v));
+#endif
+}
+
 // ---- layout: swizzle, descriptors, shared-memory map -------------------------------------------
 
 // Byte offset, within an operand tile, of 16-byte chunk `chunk` (0-7) of row `row` in the 128B
@@ -451,16 +560,46 @@ struct Sm90Plan {
   int n_tiles;  // tiles of the launch
   int n_vec;    // 16-byte vectors in the reduction, kt*kh*kw*C/8
   int k_tiles;  // reduction tiles, the last one ragged
+  int split_k;  // reduction slices per tile (1: each tile is one work unit)
+  int groups;   // problems of identical sizes in the launch (1 or 2), each n_tiles tiles
+  int n_units;  // work units, groups * n_tiles * split_k
 };
 
-__host__ __device__ __forceinline__ Sm90Plan sm90_plan(const StConvArgs& p) {
+// split_k in [1, k_tiles] (sm90_check_split), so that every slice has a reduction tile.
+__host__ __device__ __forceinline__ Sm90Plan sm90_plan(const StConvArgs& p, int split_k = 1,
+                                                       int groups = 1) {
   Sm90Plan plan{};
   plan.m_total = p.n * p.to * p.ho * p.wo;
   plan.tiles_n = (p.k + kBN - 1) / kBN;
   plan.n_tiles = (plan.m_total + kBM - 1) / kBM * plan.tiles_n;
   plan.n_vec = p.kt * p.kh * p.kw * (p.c / kVec);
   plan.k_tiles = (plan.n_vec + kVecPerRow - 1) / kVecPerRow;
+  plan.split_k = split_k;
+  plan.groups = groups;
+  plan.n_units = groups * plan.n_tiles * split_k;
   return plan;
+}
+
+// One work unit of the persistent schedule: reduction tiles [kt_begin, kt_end) of tile `tile` of
+// problem `group`. Slice-major, then problem, then tile (unit = (slice * groups + group) *
+// n_tiles + tile), so with split_k = 1 and one problem the units are today's tiles in today's
+// order, and neighbouring blocks still share position tiles. `wtile` = group * n_tiles + tile
+// numbers the tiles of all problems (workspace slots and counters).
+struct WorkUnit {
+  int group, tile, wtile, slice, kt_begin, kt_end;
+};
+__host__ __device__ __forceinline__ WorkUnit work_unit(const Sm90Plan& plan, int unit) {
+  WorkUnit u;
+  const int tiles_all = plan.groups * plan.n_tiles;
+  u.slice = unit / tiles_all;
+  u.wtile = unit - u.slice * tiles_all;
+  u.group = plan.groups > 1 && u.wtile >= plan.n_tiles ? 1 : 0;
+  u.tile = u.wtile - u.group * plan.n_tiles;
+  // Balanced slices: sizes differ by at most one reduction tile, none empty when split_k <=
+  // k_tiles.
+  u.kt_begin = static_cast<int>(static_cast<long long>(u.slice) * plan.k_tiles / plan.split_k);
+  u.kt_end = static_cast<int>(static_cast<long long>(u.slice + 1) * plan.k_tiles / plan.split_k);
+  return u;
 }
 
 struct TileOrigin {
@@ -470,6 +609,93 @@ struct TileOrigin {
 // share a position tile.
 __host__ __device__ __forceinline__ TileOrigin tile_origin(int tile, int tiles_n) {
   return {(tile / tiles_n) * kBM, (tile % tiles_n) * kBN};
+}
+
+// ---- split-K workspace -------------------------------------------------------------------------
+//
+// With split_k > 1 every unit writes its fp32 partial tile to the workspace, slot (tile, slice),
+// in the consumers' fragment order: float4 j (registers 4j..4j+3) of consumer thread c at
+// (j * 256 + c) * 4, so each warp's float4 store covers 512 contiguous bytes. Then one counter
+// per tile (zeroed by the launcher on the stream) counts the arrived units; the unit that arrives
+// last sums all slices of its tile in slice order (reading its own back too: summing it from the
+// registers instead kept a second 64-float array live, 167 registers against 154) and runs the
+// epilogue once. Nobody waits for anybody, so no residency assumption and no deadlock; the sum
+// order is fixed, so the result does not depend on which unit came last.
+constexpr int kTileFloats = kBM * kBN;                  // one fp32 partial tile, 64 KiB
+constexpr int kAccVec4 = 64 / 4;                         // float4s per consumer thread
+static_assert(kAccVec4 * 4 * kConsumerThreads == kTileFloats, "partial tile layout");
+
+struct Sm90SplitK {
+  float* partials;     // groups * n_tiles * split_k * kTileFloats floats, 16-byte aligned
+  unsigned* counters;  // groups * n_tiles, zero at launch
+};
+
+__host__ __device__ __forceinline__ long long splitk_partial_bytes(const Sm90Plan& plan) {
+  return plan.split_k > 1 ? static_cast<long long>(plan.groups) * plan.n_tiles * plan.split_k *
+                                kTileFloats * 4
+                          : 0;
+}
+
+__host__ __device__ __forceinline__ long long splitk_workspace_bytes(const Sm90Plan& plan) {
+  return plan.split_k > 1 ? splitk_partial_bytes(plan) + 4LL * plan.groups * plan.n_tiles : 0;
+}
+
+// The second problem of a grouped launch (groups = 2): its own input, packed weight, bias and
+// output; the first one's are the StConvArgs'. Sizes are the StConvArgs' for both.
+struct Sm90Second {
+  const void* input;
+  const void* weight;
+  const float* bias;
+  void* out;
+};
+
+// Stores unit u's partial tile, arrives on its tile's counter; if it arrived last, replaces acc
+// by the tile's full sum (slices in order) and returns true: the caller then runs the epilogue.
+// Called by all 256 consumer threads (ctid) together.
+__host__ __device__ __forceinline__ bool splitk_combine(const Sm90Plan& plan,
+                                                        const Sm90SplitK& ws, const WorkUnit& u,
+                                                        int ctid, float (&acc)[64]) {
+  const long long tile_base = static_cast<long long>(u.wtile) * plan.split_k * kTileFloats;
+  float* own = ws.partials + tile_base + static_cast<long long>(u.slice) * kTileFloats;
+ST90_UNROLL
+  for (int j = 0; j < kAccVec4; ++j) {
+    const float v[4] = {acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]};
+    partial_store(own + (j * kConsumerThreads + ctid) * 4, v);
+  }
+  consumer_sync();  // every consumer's stores are ordered before thread 0's release
+  bool last = false;
+  if (ctid == 0) {
+    fence_gpu();  // release: this unit's partials before its arrival
+    last = atomic_add_gpu(&ws.counters[u.wtile], 1u) ==
+           static_cast<unsigned>(plan.split_k - 1);
+    if (last) {
+      fence_gpu();  // acquire: the other units' partials, released before their arrivals
+    }
+  }
+  if (!consumer_sync_or(last)) {
+    return false;
+  }
+  // Slice order from the workspace, this unit's own slice included (its stores precede these
+  // loads in program order): one fixed sum order, whichever unit got here.
+  const float* slots = ws.partials + tile_base + ctid * 4;
+ST90_UNROLL
+  for (int j = 0; j < kAccVec4; ++j) {
+    float sum[4];
+    partial_load(slots + j * kConsumerThreads * 4, sum);
+    for (int s = 1; s < plan.split_k; ++s) {
+      float v[4];
+      partial_load(slots + static_cast<long long>(s) * kTileFloats + j * kConsumerThreads * 4, v);
+ST90_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        sum[e] += v[e];
+      }
+    }
+ST90_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      acc[4 * j + e] = sum[e];
+    }
+  }
+  return true;
 }
 
 // ---- packed weight -----------------------------------------------------------------------------
@@ -559,6 +785,12 @@ struct Sm90Producer {
     wd = p.w;
   }
 
+  // The problem of the next unit (a grouped launch's two share every size).
+  __host__ __device__ __forceinline__ void set_problem(const void* input, const void* weight) {
+    x = static_cast<const T*>(input);
+    w_packed = static_cast<const unsigned char*>(weight);
+  }
+
   __host__ __device__ __forceinline__ void start_tile(const StConvArgs& p, const Sm90Plan& plan,
                                                       int m0, int n0) {
     b_block = static_cast<long long>(n0 / kBN) * plan.k_tiles;
@@ -643,10 +875,11 @@ __host__ __device__ __forceinline__ __nv_bfloat16 to_out<__nv_bfloat16>(float v)
 template <typename T>
 struct Sm90PairStore {
   T* out;
+  T* out_second;  // problem 1's output in a grouped launch
   int k;
-  __host__ __device__ __forceinline__ void operator()(int m, int col, float v0, float v1,
-                                                      bool has1) const {
-    T* dst = out + static_cast<long long>(m) * k + col;
+  __host__ __device__ __forceinline__ void operator()(int group, int m, int col, float v0,
+                                                      float v1, bool has1) const {
+    T* dst = (group == 0 ? out : out_second) + static_cast<long long>(m) * k + col;
     if ((k & 1) == 0) {
       uint32_t bits;
       const T pair[2] = {to_out<T>(v0), to_out<T>(v1)};
@@ -664,8 +897,8 @@ struct Sm90PairStore {
 template <class Store>
 __host__ __device__ __forceinline__ void sm90_epilogue(const StConvArgs& p, int m_total,
                                                        TileOrigin o, int wg, int t,
-                                                       const float (&acc)[64],
-                                                       const Store& store) {
+                                                       const float (&acc)[64], int group,
+                                                       const float* bias, const Store& store) {
 ST90_UNROLL
   for (int i = 0; i < 64; i += 2) {
     const AccPos pos = acc_position(t, i);
@@ -673,13 +906,13 @@ ST90_UNROLL
     const int col = o.n0 + pos.col;
     if (m < m_total && col < p.k) {
       const bool has1 = col + 1 < p.k;
-      float v0 = acc[i] + (p.bias ? p.bias[col] : 0.f);
-      float v1 = acc[i + 1] + ((p.bias && has1) ? p.bias[col + 1] : 0.f);
+      float v0 = acc[i] + (bias ? bias[col] : 0.f);
+      float v1 = acc[i + 1] + ((bias && has1) ? bias[col + 1] : 0.f);
       if (p.relu) {
         v0 = fmaxf(v0, 0.f);
         v1 = fmaxf(v1, 0.f);
       }
-      store(m, col, v0, v1, has1);
+      store(group, m, col, v0, v1, has1);
     }
   }
 }
@@ -691,13 +924,19 @@ __host__ __device__ __forceinline__ void run_producer(const StConvArgs& p, const
                                                       unsigned char* smem,
                                                       const TapEntry* table, uint64_t* full,
                                                       uint64_t* empty, int ptid, int block,
-                                                      int grid) {
+                                                      int grid, const Sm90Second& second) {
   Sm90Producer<T> producer(p, ptid);
   PipeState ps;
-  for (int tile = block; tile < plan.n_tiles; tile += grid) {
-    const TileOrigin o = tile_origin(tile, plan.tiles_n);
+  for (int unit = block; unit < plan.n_units; unit += grid) {
+    const WorkUnit u = work_unit(plan, unit);
+    const TileOrigin o = tile_origin(u.tile, plan.tiles_n);
+    if (u.group == 0) {
+      producer.set_problem(p.input, p.weight);
+    } else {
+      producer.set_problem(second.input, second.weight);
+    }
     producer.start_tile(p, plan, o.m0, o.n0);
-    for (int kt = 0; kt < plan.k_tiles; ++kt) {
+    for (int kt = u.kt_begin; kt < u.kt_end; ++kt) {
       mbar_wait(&empty[ps.stage], ps.phase ^ 1u);  // round 0 passes: the stage starts free
       producer.load(table, kt, smem + stage_a_offset(ps.stage), smem + stage_b_offset(ps.stage),
                     &full[ps.stage]);
@@ -712,19 +951,22 @@ template <typename T, class Store>
 __host__ __device__ __forceinline__ void run_consumer(const StConvArgs& p, const Sm90Plan& plan,
                                                       unsigned char* smem, uint64_t* full,
                                                       uint64_t* empty, int ctid, int block,
-                                                      int grid, const Store& store) {
+                                                      int grid, const Sm90SplitK& ws,
+                                                      const Sm90Second& second,
+                                                      const Store& store) {
   const int wg = ctid / kProducerThreads;  // consumer warpgroup 0 or 1: rows 64*wg .. +63
   const int t = ctid % kProducerThreads;
   float acc[64];
   PipeState ps;       // the stage the next reduction tile arrives in
   PipeState release;  // the oldest stage this thread still reads (one behind ps within a tile)
-  for (int tile = block; tile < plan.n_tiles; tile += grid) {
-    const TileOrigin o = tile_origin(tile, plan.tiles_n);
+  for (int unit = block; unit < plan.n_units; unit += grid) {
+    const WorkUnit u = work_unit(plan, unit);
+    const TileOrigin o = tile_origin(u.tile, plan.tiles_n);
 ST90_UNROLL
     for (int i = 0; i < 64; ++i) {
       acc[i] = 0.f;
     }
-    for (int kt = 0; kt < plan.k_tiles; ++kt) {
+    for (int kt = u.kt_begin; kt < u.kt_end; ++kt) {
       mbar_wait(&full[ps.stage], ps.phase);
       fence_proxy_async();
       fence_accumulator(acc);
@@ -740,7 +982,7 @@ ST90_UNROLL
       // back to the producer while this one's multiplies run.
       wgmma_wait<1>();
       fence_accumulator(acc);
-      if (kt > 0) {
+      if (kt > u.kt_begin) {
         mbar_arrive(&empty[release.stage]);
         release.advance();
       }
@@ -750,7 +992,11 @@ ST90_UNROLL
     fence_accumulator(acc);
     mbar_arrive(&empty[release.stage]);
     release.advance();
-    sm90_epilogue(p, plan.m_total, o, wg, t, acc, store);
+    if (plan.split_k > 1 && !splitk_combine(plan, ws, u, ctid, acc)) {
+      continue;  // another unit of this tile arrives later and writes it
+    }
+    sm90_epilogue(p, plan.m_total, o, wg, t, acc, u.group, u.group == 0 ? p.bias : second.bias,
+                  store);
   }
 }
 
@@ -759,7 +1005,9 @@ ST90_UNROLL
 template <typename T, class Store>
 __host__ __device__ __forceinline__ void sm90_block(const StConvArgs& p, const Sm90Plan& plan,
                                                     unsigned char* smem_raw, int tid, int block,
-                                                    int grid, const Store& store) {
+                                                    int grid, const Sm90SplitK& ws,
+                                                    const Sm90Second& second,
+                                                    const Store& store) {
   unsigned char* smem = align_smem(smem_raw);
   TapEntry* table = reinterpret_cast<TapEntry*>(smem + kTableOffset);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarrierOffset);
@@ -776,9 +1024,10 @@ __host__ __device__ __forceinline__ void sm90_block(const StConvArgs& p, const S
   }
   block_sync();
   if (tid < kProducerThreads) {
-    run_producer<T>(p, plan, smem, table, full, empty, tid, block, grid);
+    run_producer<T>(p, plan, smem, table, full, empty, tid, block, grid, second);
   } else {
-    run_consumer<T>(p, plan, smem, full, empty, tid - kProducerThreads, block, grid, store);
+    run_consumer<T>(p, plan, smem, full, empty, tid - kProducerThreads, block, grid, ws, second,
+                    store);
   }
 }
 
@@ -794,14 +1043,16 @@ __device__ int has_hopper_body_flag = 0;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
-    st_conv3d_sm90_kernel(const StConvArgs p, const Sm90Plan plan) {
+    st_conv3d_sm90_kernel(const StConvArgs p, const Sm90Plan plan, const Sm90SplitK ws,
+                          const Sm90Second second) {
 #if ST90_HOPPER
   extern __shared__ __align__(16) unsigned char st90_smem[];
   sm90_block<T>(p, plan, st90_smem, static_cast<int>(threadIdx.x), static_cast<int>(blockIdx.x),
-                static_cast<int>(gridDim.x), Sm90PairStore<T>{static_cast<T*>(p.out), p.k});
+                static_cast<int>(gridDim.x), ws, second,
+                Sm90PairStore<T>{static_cast<T*>(p.out), static_cast<T*>(second.out), p.k});
 #elif defined(__CUDA_ARCH__)
   // Not Hopper: the launcher never starts this (it reports kSm90NotBuilt first).
-  (void)p, (void)plan;
+  (void)p, (void)plan, (void)ws, (void)second;
   __trap();
 #endif
 }
@@ -822,6 +1073,12 @@ const char* sm90_status_message(int status) {
       return "the Hopper kernel takes kernel extents below 256 and a reduction of at most "
              "12536 8-channel vectors (kt*kh*kw*C/8)";
     case kSm90LaunchFailed: return "a CUDA runtime call before the launch failed";
+    case kSm90BadSplit:
+      return "split_k must be in [1, 16] and at most the reduction's 64-wide tiles "
+             "(kt*kh*kw*C/64, rounded up)";
+    case kSm90GroupMismatch:
+      return "a grouped launch takes 1 or 2 problems of identical sizes, strides, padding and "
+             "activation";
     default: return "unknown status";
   }
 }
@@ -880,11 +1137,67 @@ long long sm90_packed_weight_bytes(const StConvArgs& args) {
   return packed_weight_bytes(sm90_plan(args));
 }
 
-int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, void* packed_weight,
-                          cudaStream_t stream) {
-  const int shape = sm90_check_shape(args, type);
+int sm90_reduction_tiles(const StConvArgs& args) { return sm90_plan(args).k_tiles; }
+
+int sm90_check_split(const StConvArgs& args, int split_k) {
+  const Sm90Plan plan = sm90_plan(args);
+  if (split_k < 1 || split_k > kMaxSplitK || split_k > plan.k_tiles ||
+      static_cast<long long>(plan.n_tiles) * split_k > INT_MAX) {
+    return kSm90BadSplit;
+  }
+  return kSm90Ok;
+}
+
+int sm90_choose_split(const StConvArgs& args, int sms) {
+  const Sm90Plan plan = sm90_plan(args);
+  int split = 1;
+  // Double while the tiles leave SMs idle and every slice keeps a full pipeline's worth of
+  // reduction tiles (fewer would leave the 4 stages never all in flight).
+  while (split * 2 <= kMaxSplitK && static_cast<long long>(plan.n_tiles) * split < sms &&
+         plan.k_tiles / (split * 2) >= kStages) {
+    split *= 2;
+  }
+  return split;
+}
+
+long long sm90_workspace_bytes(const StConvArgs& args, int split_k, int groups) {
+  return sm90_check_split(args, split_k) == kSm90Ok && groups >= 1 && groups <= kMaxGroup
+             ? splitk_workspace_bytes(sm90_plan(args, split_k, groups))
+             : 0;
+}
+
+int sm90_check_group(const StConvArgs* args, int count) {
+  if (count < 1 || count > kMaxGroup) {
+    return kSm90GroupMismatch;
+  }
+  for (int g = 1; g < count; ++g) {
+    const StConvArgs& a = args[0];
+    const StConvArgs& b = args[g];
+    const bool same = a.n == b.n && a.c == b.c && a.t == b.t && a.h == b.h && a.w == b.w &&
+                      a.k == b.k && a.kt == b.kt && a.kh == b.kh && a.kw == b.kw &&
+                      a.st == b.st && a.sh == b.sh && a.sw == b.sw && a.pt == b.pt &&
+                      a.ph == b.ph && a.pw == b.pw && a.to == b.to && a.ho == b.ho &&
+                      a.wo == b.wo && a.relu == b.relu;
+    if (!same) {
+      return kSm90GroupMismatch;
+    }
+  }
+  return kSm90Ok;
+}
+
+int launch_st_conv3d_sm90_grouped(const StConvArgs* args, int count, ConvType type,
+                                  void* const* packed_weights, int split_k, void* workspace,
+                                  cudaStream_t stream) {
+  if (sm90_check_group(args, count) != kSm90Ok) {
+    return kSm90GroupMismatch;
+  }
+  const int shape = sm90_check_shape(args[0], type);
   if (shape != kSm90Ok) {
     return shape;
+  }
+  if (sm90_check_split(args[0], split_k) != kSm90Ok ||
+      static_cast<long long>(sm90_plan(args[0]).n_tiles) * split_k * count > INT_MAX) {
+    return kSm90BadSplit;
   }
   int device = 0, major = 0, minor = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -902,29 +1215,53 @@ int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, void* packed_we
   const void* kernel = type == ConvType::kFloat16
                            ? reinterpret_cast<const void*>(&st_conv3d_sm90_kernel<__half>)
                            : reinterpret_cast<const void*>(&st_conv3d_sm90_kernel<__nv_bfloat16>);
-  const Sm90Plan plan = sm90_plan(args);
+  const Sm90Plan plan = sm90_plan(args[0], split_k, count);
   const int smem = sm90_smem_bytes(plan.n_vec);
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
       cudaSuccess) {
     return kSm90LaunchFailed;
   }
-  if (cudaMemsetAsync(packed_weight, 0, static_cast<size_t>(packed_weight_bytes(plan)), stream) !=
-      cudaSuccess) {
-    return kSm90LaunchFailed;
+  for (int g = 0; g < count; ++g) {
+    if (cudaMemsetAsync(packed_weights[g], 0, static_cast<size_t>(packed_weight_bytes(plan)),
+                        stream) != cudaSuccess) {
+      return kSm90LaunchFailed;
+    }
+    const long long vectors = static_cast<long long>(args[g].k) * plan.n_vec;
+    sm90_pack_weight_kernel<<<static_cast<int>((vectors + 255) / 256), 256, 0, stream>>>(
+        static_cast<const unsigned char*>(args[g].weight),
+        static_cast<unsigned char*>(packed_weights[g]), plan, args[g].k);
   }
-  const long long vectors = static_cast<long long>(args.k) * plan.n_vec;
-  sm90_pack_weight_kernel<<<static_cast<int>((vectors + 255) / 256), 256, 0, stream>>>(
-      static_cast<const unsigned char*>(args.weight), static_cast<unsigned char*>(packed_weight),
-      plan, args.k);
-  StConvArgs packed = args;
-  packed.weight = packed_weight;
-  const int grid = plan.n_tiles < sms ? plan.n_tiles : sms;
+  Sm90SplitK ws{nullptr, nullptr};
+  if (split_k > 1) {
+    ws.partials = static_cast<float*>(workspace);
+    ws.counters = reinterpret_cast<unsigned*>(static_cast<unsigned char*>(workspace) +
+                                              splitk_partial_bytes(plan));
+    if (cudaMemsetAsync(ws.counters, 0,
+                        sizeof(unsigned) * static_cast<size_t>(plan.groups * plan.n_tiles),
+                        stream) != cudaSuccess) {
+      return kSm90LaunchFailed;
+    }
+  }
+  StConvArgs packed = args[0];
+  packed.weight = packed_weights[0];
+  Sm90Second second{nullptr, nullptr, nullptr, nullptr};
+  if (count > 1) {
+    second = {args[1].input, packed_weights[1], args[1].bias, args[1].out};
+  }
+  const int grid = plan.n_units < sms ? plan.n_units : sms;
   if (type == ConvType::kFloat16) {
-    st_conv3d_sm90_kernel<__half><<<grid, kThreads, smem, stream>>>(packed, plan);
+    st_conv3d_sm90_kernel<__half><<<grid, kThreads, smem, stream>>>(packed, plan, ws, second);
   } else {
-    st_conv3d_sm90_kernel<__nv_bfloat16><<<grid, kThreads, smem, stream>>>(packed, plan);
+    st_conv3d_sm90_kernel<__nv_bfloat16><<<grid, kThreads, smem, stream>>>(packed, plan, ws,
+                                                                           second);
   }
   return kSm90Ok;
+}
+
+int launch_st_conv3d_sm90(const StConvArgs& args, ConvType type, void* packed_weight,
+                          int split_k, void* workspace, cudaStream_t stream) {
+  return launch_st_conv3d_sm90_grouped(&args, 1, type, &packed_weight, split_k, workspace,
+                                       stream);
 }
 
 }  // namespace cuda

@@ -372,17 +372,56 @@ def _sm90_applies(p: Problem) -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
+# ``fused_sm90_<tile>_split<S>``: the same kernel with split-K (each tile's reduction cut into S
+# slices, summed in slice order by the last to finish), offered where the unsplit tiles are fewer
+# than the SMs. The factors, and the fewest 64-wide reduction tiles one slice keeps (the kernel's
+# pipeline depth: fewer never fill its 4 stages).
+_SM90_SPLITS = (2, 4, 8)
+_SM90_MIN_SLICE_TILES = 4
+_SM90_TILE = 128  # positions and filters per block tile
+
+
+def _sm90_tiles(p: Problem) -> tuple[int, int]:
+    """(block tiles, 64-wide reduction tiles) of the Hopper kernel's GEMM for `p`."""
+    h_out = (p.h + 2 * p.padding[1] - p.kernel[1]) // p.stride[1] + 1
+    w_out = (p.w + 2 * p.padding[2] - p.kernel[2]) // p.stride[2] + 1
+    m = p.n * p.t_out * h_out * w_out
+    tiles = -(-m // _SM90_TILE) * -(-p.k // _SM90_TILE)
+    vectors = p.kernel[0] * p.kernel[1] * p.kernel[2] * -(-p.c // 8)
+    return tiles, -(-vectors // 8)
+
+
+def _sm_count() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def _sm90_split_applies(split: int) -> Callable[[Problem], bool]:
+    def applies(p: Problem) -> bool:
+        if not _sm90_applies(p):
+            return False
+        tiles, k_tiles = _sm90_tiles(p)
+        # Only where the unsplit tiles leave SMs idle, and every slice keeps a full pipeline.
+        return tiles < _sm_count() and k_tiles >= split * _SM90_MIN_SLICE_TILES
+
+    return applies
+
+
 def _fused_sm90_algorithms() -> list[Algorithm]:
     tile = fused_sm90_tile()
     if tile is None or not _built_for_sm90a():
         return []
 
-    def forward(x, weight, bias, stride, padding, relu, out_format):
-        out = torch.ops.vidconv.st_conv3d_fused_sm90(x, weight, bias, list(stride),
-                                                     list(padding), relu)
-        return out.contiguous(memory_format=out_format)
+    def forward_split(split: int) -> Callable:
+        def forward(x, weight, bias, stride, padding, relu, out_format):
+            out = torch.ops.vidconv.st_conv3d_fused_sm90(x, weight, bias, list(stride),
+                                                         list(padding), relu, split)
+            return out.contiguous(memory_format=out_format)
 
-    return [Algorithm(f"fused_sm90_{tile}", _sm90_applies, forward)]
+        return forward
+
+    return [Algorithm(f"fused_sm90_{tile}", _sm90_applies, forward_split(1)),
+            *(Algorithm(f"fused_sm90_{tile}_split{s}", _sm90_split_applies(s), forward_split(s))
+              for s in _SM90_SPLITS)]
 
 
 # ---- spatial stride s as stride 1: space-to-depth (the paper's conv1) ------------------------

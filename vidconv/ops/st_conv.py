@@ -128,9 +128,16 @@ def _st_conv3d_fused_fake(x, weight, bias, stride, padding, relu, tile_config):
 
 
 @torch.library.register_fake("vidconv::st_conv3d_fused_sm90")
-def _st_conv3d_fused_sm90_fake(x, weight, bias, stride, padding, relu):
+def _st_conv3d_fused_sm90_fake(x, weight, bias, stride, padding, relu, split_k=1):
     shape = _output_shape(x, weight, stride, padding)
     return x.new_empty(shape).contiguous(memory_format=torch.channels_last_3d)
+
+
+@torch.library.register_fake("vidconv::st_conv3d_fused_sm90_grouped")
+def _st_conv3d_fused_sm90_grouped_fake(x0, weight0, bias0, x1, weight1, bias1, stride, padding,
+                                       relu, split_k=1):
+    return (_st_conv3d_fused_sm90_fake(x0, weight0, bias0, stride, padding, relu),
+            _st_conv3d_fused_sm90_fake(x1, weight1, bias1, stride, padding, relu))
 
 
 @torch.library.register_fake("vidconv::st_conv3d_backward")
