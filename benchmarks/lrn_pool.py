@@ -54,7 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="float32", help="comma-separated (default: float32)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 / 5)")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [d for d in args.dtypes.split(",") if d not in DTYPES]
+    if unknown:
+        p.error(f"--dtypes must be from {', '.join(DTYPES)}, got {', '.join(unknown)}")
+    for name in ("batch", "frames", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be >= 1, got {value}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
