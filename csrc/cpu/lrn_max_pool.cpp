@@ -31,15 +31,35 @@ struct LrnPoolGeometry {
   int64_t size;           // LRN window along channels
 };
 
+// sqrt never sets errno for our arguments (k + alpha/size * sum of squares); without the errno
+// path GCC can vectorise it (sqrtps), which is most of this kernel's arithmetic.
+#if defined(__GNUC__) && !defined(__clang__)
+#define LRN_POOL_VECTOR_MATH __attribute__((optimize("no-math-errno")))
+#else
+#define LRN_POOL_VECTOR_MATH
+#endif
+
 // x^(-beta) for the LRN denominator; beta = 0.5 (the paper's) is one sqrt and a division.
 template <typename acc_t>
 struct InvPow {
   acc_t beta;
   bool half;
-  acc_t operator()(acc_t d) const {
-    return half ? acc_t(1) / std::sqrt(d) : std::pow(d, -beta);
-  }
 };
+
+// y[i] = x[i] * (k + alpha_n * y[i])^-beta for i < n: y holds the window sums on entry.
+template <typename scalar_t, typename acc_t>
+LRN_POOL_VECTOR_MATH void normalize(const scalar_t* x, acc_t* y, int64_t n, acc_t alpha_n,
+                                    acc_t k, InvPow<acc_t> inv_pow) {
+  if (inv_pow.half) {
+    for (int64_t i = 0; i < n; ++i) {
+      y[i] = static_cast<acc_t>(x[i]) / std::sqrt(k + alpha_n * y[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      y[i] = static_cast<acc_t>(x[i]) * std::pow(k + alpha_n * y[i], -inv_pow.beta);
+    }
+  }
+}
 
 // Max that propagates NaN, as max_pool3d does.
 template <typename acc_t>
@@ -57,7 +77,7 @@ void lrn_max_pool_channels_last(const scalar_t* x, scalar_t* out, const LrnPoolG
                                 acc_t alpha_n, acc_t k, InvPow<acc_t> inv_pow) {
   const int64_t C = g.c, lo = g.size / 2, hi = (g.size - 1) / 2;
   at::parallel_for(0, g.n * g.t * g.ho, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sq(C + lo + hi, acc_t(0)), best(C);
+    std::vector<acc_t> sq(C + lo + hi, acc_t(0)), best(C), y(C);
     acc_t* sq_c = sq.data() + lo;  // sq_c[c] = x[c]^2, zero for c < 0 and c >= C
     for (int64_t r = begin; r < end; ++r) {
       const int64_t nt = r / g.ho, i = r % g.ho;
@@ -72,12 +92,13 @@ void lrn_max_pool_channels_last(const scalar_t* x, scalar_t* out, const LrnPoolG
               const acc_t v = static_cast<acc_t>(px[c]);
               sq_c[c] = v * v;
             }
-            for (int64_t c = 0; c < C; ++c) {
-              acc_t s = 0;
-              for (int64_t q = -lo; q <= hi; ++q) s += sq_c[c + q];
-              const acc_t y = static_cast<acc_t>(px[c]) * inv_pow(k + alpha_n * s);
-              best[c] = nan_max(best[c], y);
+            std::fill(y.begin(), y.end(), acc_t(0));
+            for (int64_t q = -lo; q <= hi; ++q) {
+              const acc_t* src = sq_c + q;
+              for (int64_t c = 0; c < C; ++c) y[c] += src[c];
             }
+            normalize(px, y.data(), C, alpha_n, k, inv_pow);
+            for (int64_t c = 0; c < C; ++c) best[c] = nan_max(best[c], y[c]);
           }
         }
         scalar_t* po = out + ((nt * g.ho + i) * g.wo + j) * C;
@@ -116,12 +137,11 @@ void lrn_max_pool_contiguous(const scalar_t* x, scalar_t* out, const LrnPoolGeom
             for (int64_t w = 0; w < W; ++w) s[w] += src[w];
           }
           const scalar_t* px = row + c * plane;
+          normalize(px, s.data(), W, alpha_n, k, inv_pow);
           acc_t* b = best.data() + c * g.wo;
           for (int64_t j = 0; j < g.wo; ++j) {
             const int64_t w1 = std::min((j + 1) * g.kw, W);
-            for (int64_t w = j * g.kw; w < w1; ++w) {
-              b[j] = nan_max(b[j], static_cast<acc_t>(px[w]) * inv_pow(k + alpha_n * s[w]));
-            }
+            for (int64_t w = j * g.kw; w < w1; ++w) b[j] = nan_max(b[j], s[w]);
           }
         }
       }
