@@ -55,6 +55,22 @@ TORCH_LIBRARY(vidconv, m) {
       "st_conv3d_fused_sm90_grouped(Tensor x0, Tensor weight0, Tensor? bias0, Tensor x1, "
       "Tensor weight1, Tensor? bias1, int[] stride, int[] padding, bool relu, int split_k=1) "
       "-> (Tensor, Tensor)");
+
+  // ---- lrn_max_pool (conv1/conv2's "N" then "P", fused) ----
+  // Local response normalisation across channels (torch's: x / (k + alpha/size * sum x^2)^beta
+  // over the `size` channels centred on x's), then max pooling frame by frame over
+  // non-overlapping pool = (kh, kw) windows (stride = window, no padding; ceil_mode keeps a
+  // partial border window). x (N, C, T, H, W) -> (N, C, T, H', W'), only the pooled output is
+  // written. Floating point; contiguous or channels_last_3d (the output follows x on the CPU
+  // and is channels_last_3d on CUDA).
+  m.def(
+      "lrn_max_pool(Tensor x, int size, float alpha, float beta, float k, int[2] pool, "
+      "bool ceil_mode) -> Tensor");
+  // Gradient of lrn_max_pool with respect to x (recomputed through LRN and max pooling).
+  m.def(
+      "lrn_max_pool_backward(Tensor grad_out, Tensor x, int size, float alpha, float beta, "
+      "float k, int[2] pool, bool ceil_mode) -> Tensor");
+  // ---- end lrn_max_pool ----
 }
 
 namespace {

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["speed", "preprocess", "conv", "loader", "paper_tables"]
+SCRIPTS = ["speed", "preprocess", "conv", "loader", "paper_tables", "lrn_pool"]
 
 
 def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -79,6 +79,19 @@ def test_preprocess_minimal_run(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert {(r["op"], r["impl"]) for r in data["rows"]} == {
         (op, impl) for op in ("fovea_context", "crop_normalize") for impl in ("vidconv", "torch")}
+
+
+def test_lrn_pool_minimal_run(tmp_path: Path) -> None:
+    out = tmp_path / "lrn.json"
+    res = _run("lrn_pool", "--device", "cpu", "--batch", "1", "--repeats", "1", "--json",
+               str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 8
+    assert all(r["rel_err"] < 1e-5 for r in data["rows"])
+    assert "aten/fused" in res.stdout.splitlines()[-10]
+    bad = _run("lrn_pool", "--dtypes", "float8")
+    assert bad.returncode != 0 and "--dtypes must be from" in bad.stderr
 
 
 def test_conv_minimal_run(tmp_path: Path) -> None:

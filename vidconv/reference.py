@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["context", "crop_normalize", "fovea_context", "st_conv3d_reference"]
+__all__ = ["context", "crop_normalize", "fovea_context", "lrn_max_pool_reference",
+           "st_conv3d_reference"]
 
 
 def _as_offsets(offsets: torch.Tensor | Sequence[int] | None, n: int, h: int, w: int,
@@ -164,6 +165,38 @@ def st_conv3d_reference(
     out = F.conv3d(x64, w64, b64, stride=_triple(stride), padding=_triple(padding))
     if activation == "relu":
         out = out.clamp_min(0)
+    if out_dtype is None:
+        return out.to(x.device, x.dtype)
+    return out.to(out_dtype)
+
+
+# ---- lrn_max_pool ------------------------------------------------------------------------
+
+
+def lrn_max_pool_reference(
+    x: torch.Tensor,
+    size: int = 5,
+    alpha: float = 1e-4,
+    beta: float = 0.5,
+    k: float = 2.0,
+    pool: Sequence[int] = (2, 2),
+    ceil_mode: bool = True,
+    *,
+    out_dtype: torch.dtype | None = torch.float64,
+) -> torch.Tensor:
+    """``F.local_response_norm`` then ``F.max_pool3d`` over ``(1, kh, kw)`` windows with stride
+    equal to the window, in float64 on the CPU.
+
+    Args:
+        x, size, alpha, beta, k, pool, ceil_mode: as `vidconv.ops.lrn_max_pool`.
+        out_dtype: dtype of the result (default float64, on the CPU); None returns x's dtype on
+            x's device.
+    """
+    window = (1, int(pool[0]), int(pool[1]))
+    # local_response_norm views x as (N, 1, C, T, H*W): arbitrary strides cannot be viewed.
+    x64 = x.detach().to("cpu", torch.float64).contiguous()
+    out = F.max_pool3d(F.local_response_norm(x64, size, alpha, beta, k), window, window,
+                       ceil_mode=ceil_mode)
     if out_dtype is None:
         return out.to(x.device, x.dtype)
     return out.to(out_dtype)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidconv.nn import SpatioTemporalConv
+from vidconv.ops import lrn_max_pool, lrn_pool
 
 # Local response normalisation across channels (the paper's "N"): size n=5, alpha=1e-4,
 # beta=0.5, k=2 (paper.md; beta is 0.5, not AlexNet's 0.75). We follow torch's
@@ -152,7 +153,63 @@ class LocalResponseNorm(nn.LocalResponseNorm):
         return x * denom.pow(-self.beta)
 
 
-def _stage(layer: ConvLayer, in_channels: int) -> nn.Sequential:
+class Stage(nn.Sequential):
+    """One C-N-P stage: ``conv`` (+ReLU), then ``norm`` and ``pool`` where the layer has them.
+
+    A stage with both runs them as the fused :func:`vidconv.ops.lrn_max_pool` (the normalised
+    activations are never written) where that gives the same numbers and is measured faster
+    for the shape (:func:`vidconv.ops.lrn_pool.prefer_fused`; on a 2-core CPU the two ATen ops
+    win at some shapes). The children and their names stay those of the two modules, so
+    state_dicts and hooks address ``conv1.norm`` / ``conv1.pool`` as before; a stage whose norm
+    or pool carries a forward hook runs them one by one, so the hook sees their outputs, and so
+    does a stage traced by ``torch.compile``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        # Under torch.compile the two modules are traced as they are (the compiler fuses them
+        # itself, and nothing can be timed while tracing).
+        fused = None if torch.compiler.is_compiling() else self._fusable(x)
+        if fused is None:
+            for name, module in self._modules.items():
+                if name != "conv":
+                    x = module(x)  # type: ignore[misc]
+            return x
+        norm, pool = self.norm, self.pool
+        if lrn_pool.prefer_fused(x, norm.size, norm.alpha, norm.beta, norm.k, fused,
+                                 pool.ceil_mode, lambda t: pool(norm(t))):
+            return lrn_max_pool(x, norm.size, norm.alpha, norm.beta, norm.k, fused,
+                                pool.ceil_mode)
+        return pool(norm(x))
+
+    def _fusable(self, x: torch.Tensor) -> list[int] | None:
+        """The pool window (kh, kw) when norm + pool can be the fused op for x, else None."""
+        norm, pool = self._modules.get("norm"), self._modules.get("pool")
+        if not (isinstance(norm, nn.LocalResponseNorm) and isinstance(pool, nn.MaxPool3d)
+                and x.dim() == 5 and x.device.type in ("cpu", "cuda")
+                and list(self._modules) == ["conv", "norm", "pool"]):
+            return None
+        if (norm._forward_hooks or norm._forward_pre_hooks or pool._forward_hooks
+                or pool._forward_pre_hooks or _global_hooks()):
+            return None
+        kernel, stride = _triple_of(pool.kernel_size), _triple_of(pool.stride or pool.kernel_size)
+        if (kernel[0] != 1 or stride != kernel or _triple_of(pool.padding) != (0, 0, 0)
+                or _triple_of(pool.dilation) != (1, 1, 1) or pool.return_indices):
+            return None
+        return [kernel[1], kernel[2]]
+
+
+def _triple_of(value) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, tuple | list) else (value, value, value)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as module_mod
+
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
+def _stage(layer: ConvLayer, in_channels: int) -> Stage:
     parts: OrderedDict[str, nn.Module] = OrderedDict()
     parts["conv"] = SpatioTemporalConv(in_channels, layer.channels, layer.kernel, layer.stride,
                                        layer.padding, relu=True)
@@ -160,11 +217,12 @@ def _stage(layer: ConvLayer, in_channels: int) -> nn.Sequential:
         parts["norm"] = LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
     if layer.pool:
         parts["pool"] = nn.MaxPool3d(POOL_KERNEL, POOL_KERNEL, ceil_mode=POOL_CEIL_MODE)
-    return nn.Sequential(parts)
+    return Stage(parts)
 
 
 class Tower(nn.Module):
-    """The stages of a layer table in order; each stage is ``conv`` (+ReLU) [``norm``] [``pool``].
+    """The stages of a layer table in order; each stage is ``conv`` (+ReLU) [``norm``] [``pool``]
+    (a :class:`Stage`, fusing ``norm`` + ``pool`` where that is measured faster).
 
     Children are named after the layers (``conv1`` ... ``conv5``), so parameters read as
     ``conv1.conv.weight`` and fine-tuning can address a stage by name.
