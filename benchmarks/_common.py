@@ -7,14 +7,17 @@ device it was measured on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +205,31 @@ def measured_ceiling(device: torch.device | str, dtype: torch.dtype = torch.bflo
              f"{rates[best] * 1e3:,.0f} GFLOP/s, by {best}")
     return {"tflops": rates[best], "best": best, "kernels": rates, "dtype": dtype_name,
             "label": label}
+
+
+@contextlib.contextmanager
+def conv_plan_cache(use_users: bool) -> Iterator[str]:
+    """The conv algorithm plan a benchmark runs with: the user's ($VIDCONV_CACHE_DIR) when
+    `use_users`, else a fresh temporary one, so that the figures include first-use tuning and
+    inherit no decision made on another day or under another load. Yields "user" or "fresh"."""
+    from vidconv.ops import clear_conv_plan
+
+    if use_users:
+        yield "user"
+        return
+    plan_dir = tempfile.mkdtemp(prefix="vidconv-bench-plan-")
+    saved = os.environ.get("VIDCONV_CACHE_DIR")
+    os.environ["VIDCONV_CACHE_DIR"] = plan_dir
+    clear_conv_plan()
+    try:
+        yield "fresh"
+    finally:
+        if saved is None:
+            os.environ.pop("VIDCONV_CACHE_DIR", None)
+        else:
+            os.environ["VIDCONV_CACHE_DIR"] = saved
+        clear_conv_plan()
+        shutil.rmtree(plan_dir, ignore_errors=True)
 
 
 def write_json(name: str, payload: dict[str, Any], path: str | Path | None = None,

@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
+    conv_plan_cache,
     device_name,
     measured_ceiling,
     print_table,
@@ -191,12 +192,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs (median)")
     parser.add_argument("--json", type=Path, default=None,
                         help="JSON path (default benchmarks/results/conv-<device>.json)")
+    parser.add_argument("--use-plan-cache", action="store_true",
+                        help="let st_conv3d reuse the decisions in $VIDCONV_CACHE_DIR (default: "
+                             "decide afresh in a temporary cache)")
     args = parser.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be >= 1, got {args.batch}")
     if not args.width > 0:
         parser.error(f"--width must be > 0, got {args.width}")
+    with conv_plan_cache(args.use_plan_cache) as plan_cache:
+        return run(args, parser, plan_cache)
 
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, plan_cache: str) -> int:
+    """The benchmark proper, with the conv plan cache main() chose."""
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"
     if on_gpu and not vidconv.build_info().has_cuda_kernels:
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                               "x_plain_geomean": geomean(xp)}
     payload = {"batch": batch, "dtype": str(dtype), "width": args.width,
                "layout": "channels_last_3d", "ceiling_tflops": ceiling, "ceiling": measured,
-               "summary": summary,
+               "summary": summary, "plan_cache": plan_cache,
                "plan": conv_plan(), "layers": records}
     path = write_json("conv", payload, path=args.json, device=device)
     print(f"JSON: {path}", file=sys.stderr)

@@ -33,11 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import shutil
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,7 +47,7 @@ import _common  # noqa: E402
 
 import vidconv  # noqa: E402
 from vidconv.models import build, list_models  # noqa: E402
-from vidconv.ops import clear_conv_plan, conv_plan, use_conv_algo  # noqa: E402
+from vidconv.ops import conv_plan, use_conv_algo  # noqa: E402
 
 MODES = ("forward", "train", "forward32", "train32")
 # Modes timed at the paper's batch of 32 whatever --batch-size says, and the step they time.
@@ -332,24 +329,11 @@ def plot(rows: list[dict[str, Any]], models: list[str], modes: list[str], title:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.use_plan_cache:
-        return run(args)
-    plan_dir = tempfile.mkdtemp(prefix="vidconv-speed-plan-")
-    saved = os.environ.get("VIDCONV_CACHE_DIR")
-    os.environ["VIDCONV_CACHE_DIR"] = plan_dir
-    clear_conv_plan()
-    try:
-        return run(args)
-    finally:
-        if saved is None:
-            os.environ.pop("VIDCONV_CACHE_DIR", None)
-        else:
-            os.environ["VIDCONV_CACHE_DIR"] = saved
-        clear_conv_plan()
-        shutil.rmtree(plan_dir, ignore_errors=True)
+    with _common.conv_plan_cache(args.use_plan_cache) as plan_cache:
+        return run(args, plan_cache)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, plan_cache: str) -> int:
     """The benchmark proper, with the conv plan cache main() chose."""
     device = _common.resolve_device(args.device)
     d_batch, d_width, d_warmup, d_repeats = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
@@ -425,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
               f"{ceiling['label']}")
     payload = {
         "settings": {"models": args.models, "modes": modes, "batch_size": batch,
-                     "plan_cache": "user" if args.use_plan_cache else "fresh",
+                     "plan_cache": plan_cache,
                      "conv_algos": args.conv_algos, "paper_batch": PAPER_BATCH,
                      "target": f"multires/full clips/s >= {TARGET_OF_MAC_RATIO} x MAC ratio",
                      "width": width, "warmup": warmup, "repeats": repeats,

@@ -238,3 +238,28 @@ def test_loader_minimal_run_with_shards(tmp_path: Path) -> None:
     assert prep["videos"] == 2 and prep["gb_per_hour"] > 0 and prep["realtime_per_core"] > 0
     assert any("per core >= 300" in t["target"] for t in data["targets"])
     assert "targets (CPU, per core)" in res.stdout  # the targets table is printed last
+
+
+@pytest.mark.parametrize("use_users", [False, True])
+def test_benchmarks_decide_the_conv_plan_afresh_unless_asked(tmp_path: Path, monkeypatch,
+                                                            use_users: bool) -> None:
+    # A decision remembered from another day or another load must not shape the figures.
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCH))
+    from vidconv.ops import conv_planner, st_conv3d
+
+    def steady(name, run, device, repeats):  # real timings of a tiny conv may be "noisy"
+        run()
+        return [1.0] * repeats
+
+    monkeypatch.setattr(conv_planner, "time_candidate", steady)
+    monkeypatch.setenv("VIDCONV_CACHE_DIR", str(tmp_path))
+    with _common.conv_plan_cache(use_users) as which:
+        assert which == ("user" if use_users else "fresh")
+        assert (conv_planner.cache_path().parent == tmp_path) == use_users
+        st_conv3d(torch.randn(1, 3, 2, 9, 9), torch.randn(4, 3, 1, 3, 3), None, 1, 1)
+    assert (tmp_path / "conv_plan.json").exists() == use_users
+    assert conv_planner.cache_path().parent == tmp_path  # restored
