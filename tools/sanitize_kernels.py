@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from vidconv import reference
-from vidconv.ops import crop_normalize, fovea_context, st_conv3d, use_conv_algo
+from vidconv.ops import crop_normalize, fovea_context, lrn_max_pool, st_conv3d, use_conv_algo
 from vidconv.ops.conv_algos import fused_tile_configs
 from vidconv.ops.conv_planner import algorithm_names
 
@@ -126,10 +126,52 @@ def check_st_conv3d(device: str) -> None:
             assert _rel_err(out, ref) < TOL[dtype], f"misaligned view {algo} {dtype}"
 
 
+# (N, C, T, H, W, pool, ceil_mode): ragged borders under ceil mode, C not a multiple of the
+# 16-byte vector (scalar path), C a multiple of it (vector path), a window larger than 2x2.
+LRN_CASES = [(2, 7, 1, 9, 11, (2, 2), True), (1, 16, 2, 8, 6, (2, 2), False),
+             (2, 24, 1, 7, 5, (3, 2), True)]
+
+
+def check_lrn_max_pool(device: str) -> None:
+    for i, (n, c, t, h, w, pool, ceil) in enumerate(LRN_CASES):
+        gen = torch.Generator().manual_seed(i)
+        base = torch.rand(n, c, t, h, w, generator=gen) * 4
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            for fmt in (torch.contiguous_format, torch.channels_last_3d):
+                x = base.to(device, dtype).contiguous(memory_format=fmt).detach()
+                x.requires_grad_(True)
+                out = lrn_max_pool(x, 5, 1e-4, 0.5, 2.0, pool, ceil)
+                out.float().square().sum().backward()
+                ref = reference.lrn_max_pool_reference(base.to(dtype), 5, 1e-4, 0.5, 2.0, pool,
+                                                       ceil)
+                assert _rel_err(out, ref) < TOL[dtype], f"lrn_max_pool case {i} {dtype} {fmt}"
+                assert torch.isfinite(x.grad).all(), f"lrn_max_pool grad case {i} {dtype}"
+
+
+def check_sm90_grouped(device: str) -> None:
+    """The Hopper kernel's two-problem launch (the multires streams), split and unsplit."""
+    if device != "cuda" or torch.cuda.get_device_capability() != (9, 0) or not any(
+            name.startswith("fused_sm90") for name in algorithm_names()):
+        print("skip   sm90_grouped: needs a compute capability 9.0 device and a 9.0a build")
+        return
+    c, k, ksize, stride, padding, thw = 16, 24, (1, 3, 3), (1, 1, 1), (0, 1, 1), (2, 9, 7)
+    for dtype in (torch.float16, torch.bfloat16):
+        pairs = [_conv_inputs(2, c, k, ksize, thw, device, dtype, seed=s) for s in (11, 12)]
+        for split in (1, 2):
+            outs = torch.ops.vidconv.st_conv3d_fused_sm90_grouped(
+                *pairs[0], *pairs[1], list(stride), list(padding), True, split)
+            for (x, w, b), out in zip(pairs, outs, strict=True):
+                ref = reference.st_conv3d_reference(x.cpu(), w.cpu(), b.cpu(), stride, padding,
+                                                    "relu")
+                assert _rel_err(out, ref) < TOL[dtype], f"sm90 grouped split {split} {dtype}"
+
+
 CHECKS: dict[str, Callable[[str], None]] = {
     "fovea_context": check_fovea_context,
     "crop_normalize": check_crop_normalize,
     "st_conv3d": check_st_conv3d,
+    "lrn_max_pool": check_lrn_max_pool,
+    "sm90_grouped": check_sm90_grouped,
 }
 
 
