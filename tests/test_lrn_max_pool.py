@@ -222,6 +222,24 @@ def test_prefer_fused_keeps_a_composition_that_disagrees():
     lrn_pool_mod.clear_lrn_pool_plan()
 
 
+def test_prefer_fused_falls_back_when_the_fused_op_cannot_run(monkeypatch):
+    # No kernel for the device (a build without CUDA kernels), or a size the kernel refuses:
+    # the model's own LRN + pool run, with one warning, instead of the forward failing.
+    lrn_pool_mod.clear_lrn_pool_plan()
+    x = _activations((1, 8, 1, 9, 9), torch.float32)
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'vidconv::lrn_max_pool' with arguments from "
+                                  "the 'CUDA' backend")
+
+    monkeypatch.setattr(lrn_pool_mod, "lrn_max_pool", no_kernel)
+    with pytest.warns(RuntimeWarning, match="cannot run .*NotImplementedError"):
+        assert not lrn_pool_mod.prefer_fused(x, 5, 1e-4, 0.5, 2.0, (2, 2), True, _unfused)
+    (entry,) = lrn_pool_mod.lrn_pool_plan()
+    assert not entry["fused"] and entry["how"] == "raised"
+    lrn_pool_mod.clear_lrn_pool_plan()
+
+
 def test_prefer_fused_slower_is_not_chosen(monkeypatch):
     lrn_pool_mod.clear_lrn_pool_plan()
     x = _activations((1, 8, 1, 9, 9), torch.float32)

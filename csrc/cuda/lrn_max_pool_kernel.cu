@@ -239,7 +239,10 @@ LRN_POOL_UNROLL
   }
 }
 
-// Phase 2: the sliding window sum of squares over channels, normalisation, running maximum.
+// Phase 2: the window sum of squares over channels, normalisation, running maximum. Each
+// channel sums its own window from shared memory (size <= 64 reads of a row already there): a
+// running sum that adds the entering square and subtracts the leaving one would turn an inf
+// square into NaN (inf - inf) for every later channel of the group, and cancels digits.
 template <typename T, typename Acc, int L>
 __host__ __device__ inline void normalize_element(const LrnPoolArgs& a, const Plan& plan,
                                                   ThreadState<T, Acc, L>& s, const Acc* smem) {
@@ -248,13 +251,12 @@ __host__ __device__ inline void normalize_element(const LrnPoolArgs& a, const Pl
   const Acc alpha_n = static_cast<Acc>(a.alpha_n), k = static_cast<Acc>(a.k);
   const Acc beta = static_cast<Acc>(a.beta);
   const bool half_beta = a.beta == 0.5;
-  Acc sum = 0;
-  for (int q = -plan.lo; q <= plan.hi; ++q) sum += sq[q];
 LRN_POOL_UNROLL
   for (int v = 0; v < L; ++v) {
     // Channels past C (a last, partial group) read no further than the row's padding.
     if (s.c0 + v < a.c) {
-      if (v > 0) sum += sq[v + plan.hi] - sq[v - 1 - plan.lo];
+      Acc sum = 0;
+      for (int q = v - plan.lo; q <= v + plan.hi; ++q) sum += sq[q];
       s.best[v] = nan_max(s.best[v], s.x[v] * inv_pow(k + alpha_n * sum, beta, half_beta));
     }
   }

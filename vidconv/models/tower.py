@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidconv._extension import build_info
 from vidconv.nn import SpatioTemporalConv
 from vidconv.ops import lrn_max_pool, lrn_pool
 
@@ -186,8 +187,10 @@ class Stage(nn.Sequential):
         """The pool window (kh, kw) when norm + pool can be the fused op for x, else None."""
         norm, pool = self._modules.get("norm"), self._modules.get("pool")
         if not (isinstance(norm, nn.LocalResponseNorm) and isinstance(pool, nn.MaxPool3d)
-                and x.dim() == 5 and x.device.type in ("cpu", "cuda")
-                and list(self._modules) == ["conv", "norm", "pool"]):
+                and x.dim() == 5 and list(self._modules) == ["conv", "norm", "pool"]):
+            return None
+        if not (x.device.type == "cpu"
+                or (x.device.type == "cuda" and build_info().has_cuda_kernels)):
             return None
         if (norm._forward_hooks or norm._forward_pre_hooks or pool._forward_hooks
                 or pool._forward_pre_hooks or _global_hooks()):

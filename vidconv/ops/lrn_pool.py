@@ -207,7 +207,7 @@ class LrnPoolKey:
 @dataclass
 class LrnPoolDecision:
     fused: bool
-    how: str  # "tuned", "forced", "heuristic", "disagrees"
+    how: str  # "tuned", "forced", "heuristic", "disagrees", "raised"
     times_ms: dict[str, float]
     rel_err: float | None = None
 
@@ -312,11 +312,17 @@ def _measure(x, size, alpha, beta, k, pool, ceil_mode, unfused, grad) -> LrnPool
         return forward_backward
 
     runs = {"fused": run(fused_fn), "aten": run(unfused)}
-    with torch.no_grad():
-        err = conv_planner._rel_err(fused_fn(sample), unfused(sample))
-    if not err <= _tolerance(x.dtype):
-        import warnings
+    import warnings
 
+    try:
+        with torch.no_grad():
+            err = conv_planner._rel_err(fused_fn(sample), unfused(sample))
+    except Exception as exc:  # noqa: BLE001 - no kernel for this device, a size it refuses
+        warnings.warn(f"vidconv lrn_max_pool cannot run x {tuple(x.shape)} {x.dtype} on "
+                      f"{x.device} ({type(exc).__name__}: {str(exc).splitlines()[0]}); the "
+                      "model's LRN + max pool run there", RuntimeWarning, stacklevel=3)
+        return LrnPoolDecision(False, "raised", {}, float("nan"))
+    if not err <= _tolerance(x.dtype):
         warnings.warn(f"vidconv lrn_max_pool differs from the model's LRN + max pool by "
                       f"{err:.3g} (relative) on x {tuple(x.shape)} {x.dtype}; not used there",
                       RuntimeWarning, stacklevel=3)
