@@ -50,7 +50,9 @@ TORCH_LIBRARY(vidconv, m) {
       "st_conv3d_fused_sm90(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
       "bool relu, int split_k=1) -> Tensor");
   // Two st_conv3d_fused_sm90 problems of identical sizes, each its own x, weight and bias (the
-  // multires fovea and context streams), in one launch whose work units span both.
+  // multires fovea and context streams), in one launch whose work units span both. Not yet a
+  // candidate of st_conv3d's dispatch (which decides per layer, one problem at a time): the
+  // tests and the sanitizer workload call it.
   m.def(
       "st_conv3d_fused_sm90_grouped(Tensor x0, Tensor weight0, Tensor? bias0, Tensor x1, "
       "Tensor weight1, Tensor? bias1, int[] stride, int[] padding, bool relu, int split_k=1) "

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -196,7 +197,8 @@ void launch_sm90(const char* op, const cuda::StConvArgs* args, int count, cuda::
   if (split == 0) {
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-    split = cuda::sm90_choose_split(args[0], sms);
+    // A grouped launch's problems share the SMs: each has its share to fill.
+    split = cuda::sm90_choose_split(args[0], std::max(1, sms / count));
   }
   TORCH_CHECK(cuda::sm90_check_split(args[0], split) == cuda::kSm90Ok, op,
               ": split_k must be at most the reduction's ", cuda::sm90_reduction_tiles(args[0]),

@@ -432,9 +432,10 @@ def _fused_sm90_algorithms() -> list[Algorithm]:
 # W'[k, (c, ri, rj), a, qi, qj] = w[k, c, a, qi*sh + ri, qj*sw + rj] (zero where the tap is past
 # kh or kw), y = conv(X', W') at spatial stride 1 and no spatial padding; time is untouched
 # (stride st, padding pt). Every product of the original sum appears once; the added terms are
-# exact zeros (for finite x: an inf under a zero tap would give NaN, which the planner's check
-# rejects). C*sh*sw channels are rounded up to 8 with zeros on CUDA, where the tensor-core
-# kernels read 8-channel vectors (the fused kernels would otherwise pad a copy themselves).
+# exact zeros for finite x (an inf under a zero tap gives NaN: the reformulation is exact for
+# finite inputs only, which conv1's normalised pixels are). C*sh*sw channels are rounded up to
+# 8 with zeros on CUDA, where the tensor-core kernels read 8-channel vectors (the fused kernels
+# would otherwise pad a copy themselves).
 
 # Space-to-depth only pays where the channel vectors are short: conv1's C = 3 fills 3 of 8 lanes.
 S2D_MAX_CHANNELS = 16

@@ -18,7 +18,8 @@ than the timing noise.
 
 A busy machine (data-loading workers, another job on the same cores) makes timings meaningless
 and a choice made then would be remembered for good. So when the repeated runs of the reference
-or of the winner differ by more than 1.5x (CPU) or 1.25x (CUDA), the decision is "noisy": the
+or of the winner differ by more than 1.5x (CPU) or 1.25x (CUDA), and the layer takes at least
+0.5 ms (CPU) / 0.05 ms (CUDA), the decision is "noisy": the
 reference runs, for this process only, nothing is written to the file, one warning says so, and
 a later process decides again.
 
@@ -87,11 +88,14 @@ _CLOSE = 1.15
 # A candidate replaces the reference only when it is faster by more than this fraction: less is
 # within the timing noise (CPU timers over 3 runs), and one op's time misses what its choice
 # costs around it (a model measured end to end ran up to 15% slower on the CPU when every 5%
-# win was taken). Between candidates the fastest median still decides.
+# win was taken). Between candidates the fastest still decides.
 _REFERENCE_MARGIN = {"cpu": 0.10, "cuda": 0.03}
 # Slowest / fastest of a candidate's warm runs above which its timing says more about the
-# machine's load than about the algorithm (quiet machines stay within ~1.15x on 2 CPU cores).
+# machine's load than about the algorithm (quiet machines stay within ~1.15x on 2 CPU cores),
+# for runs of at least _NOISE_FLOOR_MS: below that, launch and timer jitter alone exceed it and
+# the choice matters little.
 _NOISY = {"cpu": 1.5, "cuda": 1.25}
+_NOISE_FLOOR_MS = {"cpu": 0.5, "cuda": 0.05}
 
 _EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10,
         torch.bfloat16: 2.0**-7}
@@ -562,7 +566,8 @@ def _tune(key: ConvKey, args: tuple, device: torch.device, dtype: torch.dtype,
                                > decision.times_ms[REFERENCE]):
         decision.chosen = REFERENCE
     spread = max(_spread(times[name]) for name in {REFERENCE, decision.chosen} if name in times)
-    if spread > _NOISY.get(device.type, 1.5):
+    if (spread > _NOISY.get(device.type, 1.5)
+            and decision.times_ms[decision.chosen] >= _NOISE_FLOOR_MS.get(device.type, 0.5)):
         decision.how = "noisy"
         decision.chosen = REFERENCE
         _warn_once("noisy", f"vidconv st_conv3d: timings varied {spread:.1f}x between runs of "
@@ -728,7 +733,8 @@ def _choose_fused(key: ConvKey, args: tuple, x: torch.Tensor, candidates: list[A
 def conv_plan() -> list[dict[str, Any]]:
     """Every decision made (or read from the cache) in this process: for each, the key, the
     chosen algorithm, how it was chosen ("tuned", "heuristic", "forced", "rank0"), each
-    candidate's median time in ms (None if it failed), whether it passed the check (and why
+    candidate's time in ms (best run on the CPU, median on CUDA; None if it failed), whether it
+    passed the check (and why
     not), the tolerance, the tuning time and whether the decision came from the cache file."""
     with _lock:
         return [d.report() for d in _plan.values()]
