@@ -33,6 +33,7 @@ from vidconv.ops._validate import (
     expect_real,
     expect_tensor,
 )
+from vidconv.ops.st_conv import _output_format  # lrn_max_pool's output follows st_conv3d's rule
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MODES = ("auto", "fused", "aten")
@@ -104,15 +105,6 @@ def lrn_max_pool(
             raise ValueError(f"pool {tuple(pool_)} does not fit x's {axis}={n} without "
                              f"ceil_mode (x shape {tuple(x.shape)})")
     return torch.ops.vidconv.lrn_max_pool(x, size, alpha, beta, k, pool_, ceil_mode)
-
-
-def _output_format(x: torch.Tensor) -> torch.memory_format:
-    """The layout of lrn_max_pool's output (the same rule for the real and the fake kernels)."""
-    if x.device.type == "cuda":
-        return torch.channels_last_3d
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 @torch.library.register_fake("vidconv::lrn_max_pool")
