@@ -249,6 +249,21 @@ def test_prefer_fused_slower_is_not_chosen(monkeypatch):
     lrn_pool_mod.clear_lrn_pool_plan()
 
 
+def test_prefer_fused_uneven_timings_keep_the_composition(monkeypatch):
+    # The fused op looks 2x faster at its best, but the composition's runs vary 3x (another
+    # process on the cores): no decision from such numbers.
+    lrn_pool_mod.clear_lrn_pool_plan()
+    x = _activations((1, 8, 1, 9, 9), torch.float32)
+    runs = {"aten": iter([10.0, 10.0, 30.0]), "fused": iter([5.0, 5.0, 5.0])}
+    monkeypatch.setattr(lrn_pool_mod.conv_planner, "time_candidate",
+                        lambda name, run, device, repeats: [next(runs[name])])
+    with pytest.warns(RuntimeWarning, match="timings varied 3.0x"):
+        assert not lrn_pool_mod.prefer_fused(x, 5, 1e-4, 0.5, 2.0, (2, 2), True, _unfused)
+    (entry,) = lrn_pool_mod.lrn_pool_plan()
+    assert entry["how"] == "noisy" and entry["times_ms"] == {"aten": 10.0, "fused": 5.0}
+    lrn_pool_mod.clear_lrn_pool_plan()
+
+
 # ---- the CUDA kernel: host emulation here, the device where there is one -----------------------
 
 

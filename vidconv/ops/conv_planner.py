@@ -538,42 +538,17 @@ def _tune(key: ConvKey, args: tuple, device: torch.device, dtype: torch.dtype,
     del reference
 
     # Round 2: the close ones again, so noise cannot decide between them.
-    best_first = min(t[0] for t in times.values())
-    close = [n for n, t in times.items() if t[0] <= _CLOSE * best_first]
-    if REFERENCE in times and REFERENCE not in close:
-        # The reference ran first and cold (no CPU warm-up): one sample is no fair comparison.
-        close.append(REFERENCE)
-    if len(close) > 1:
-        # Run by run in turn, not candidate by candidate: load that comes and goes over a second
-        # then slows every candidate alike instead of whichever was being timed.
-        for _ in range(repeats - 1):
-            for name in [n for n in close if n in times]:
-                try:
-                    times[name] += time_candidate(name, runs[name], device, 1)
-                except Exception as exc:  # noqa: BLE001
-                    if name == REFERENCE:
-                        raise
-                    times.pop(name)
-                    reject(name, f"raised {type(exc).__name__}: {exc}")
-    # On the CPU other processes only ever add time: the best run is the algorithm's own. CUDA
-    # events time the GPU alone; there the median is the steadier figure.
-    summary = min if not on_cuda else statistics.median
-    for name, t in times.items():
-        decision.times_ms[name] = summary(t)
-    decision.chosen = min(times, key=lambda n: decision.times_ms[n])
-    margin = _REFERENCE_MARGIN.get(device.type, 0.10)
-    if REFERENCE in times and (decision.times_ms[decision.chosen] * (1 + margin)
-                               > decision.times_ms[REFERENCE]):
-        decision.chosen = REFERENCE
-    spread = max(_spread(times[name]) for name in {REFERENCE, decision.chosen} if name in times)
-    if (spread > _NOISY.get(device.type, 1.5)
-            and decision.times_ms[decision.chosen] >= _NOISE_FLOOR_MS.get(device.type, 0.5)):
+    result = race(runs, times, REFERENCE, device, repeats - 1)
+    for name, why in result.failed.items():
+        reject(name, why)
+    decision.times_ms.update(result.times_ms)
+    decision.chosen = result.chosen
+    if result.noisy is not None:
         decision.how = "noisy"
-        decision.chosen = REFERENCE
-        _warn_once("noisy", f"vidconv st_conv3d: timings varied {spread:.1f}x between runs of "
-                   f"one algorithm on {key.describe()} (other work on the same device?): such "
-                   "layers run the reference in this process and are timed again in a later "
-                   "one (VIDCONV_TUNE=0 skips timing)")
+        _warn_once("noisy", f"vidconv st_conv3d: timings varied {result.noisy:.1f}x between runs "
+                   f"of one algorithm on {key.describe()} (other work on the same device?): "
+                   "such layers run the reference in this process and are timed again in a "
+                   "later one (VIDCONV_TUNE=0 skips timing)")
     decision.tune_s = time.perf_counter() - t_start
     return decision
 
@@ -584,6 +559,63 @@ def _spread(times_ms: list[float]) -> float:
     if len(warm) < 2 or min(warm) <= 0:
         return 1.0
     return max(warm) / min(warm)
+
+
+@dataclass
+class RaceResult:
+    """What :func:`race` found: the winner, each runner's time (best run on the CPU, median on
+    CUDA, ms), the runners that raised (name: why), and the spread (slowest / fastest warm run)
+    that made the result "noisy" (the reference chosen, not to be kept), or None."""
+
+    chosen: str
+    times_ms: dict[str, float]
+    failed: dict[str, str]
+    noisy: float | None
+
+
+def race(runs: dict[str, Callable[[], Any]], times: dict[str, list[float]], reference: str,
+         device: torch.device, repeats: int) -> RaceResult:
+    """Choose the fastest of ``runs`` (name: a call), all already checked against
+    ``reference`` (one of them) and timed once (``times``: name: [ms], extended in place).
+
+    The runners within 15% of the fastest first time, and the reference, run ``repeats`` more
+    times, run by run in turn (load that comes and goes slows them alike). A runner other than
+    the reference must be faster than it by the device's margin (10% CPU, 3% CUDA) to win. When
+    the warm runs of the reference or the winner vary by more than 1.5x (CPU) / 1.25x (CUDA) on
+    a call of at least 0.5 ms / 0.05 ms, the reference wins and the result is "noisy".
+    A runner that raises drops out (the reference raising raises).
+    """
+    times = {name: times[name] for name in runs}
+    failed: dict[str, str] = {}
+    best_first = min(t[0] for t in times.values())
+    close = [n for n, t in times.items() if t[0] <= _CLOSE * best_first]
+    if reference in times and reference not in close:
+        # The reference ran first and cold (no CPU warm-up): one sample is no fair comparison.
+        close.append(reference)
+    if len(close) > 1:
+        for _ in range(repeats):
+            for name in [n for n in close if n in times]:
+                try:
+                    times[name] += time_candidate(name, runs[name], device, 1)
+                except Exception as exc:  # noqa: BLE001 - a failing runner must not fail the op
+                    if name == reference:
+                        raise
+                    times.pop(name)
+                    failed[name] = f"raised {type(exc).__name__}: {exc}"
+    # On the CPU other processes only ever add time: the best run is the algorithm's own. CUDA
+    # events time the GPU alone; there the median is the steadier figure.
+    summary = min if device.type != "cuda" else statistics.median
+    times_ms = {name: summary(t) for name, t in times.items()}
+    chosen = min(times_ms, key=times_ms.__getitem__)
+    margin = _REFERENCE_MARGIN.get(device.type, 0.10)
+    if reference in times_ms and times_ms[chosen] * (1 + margin) > times_ms[reference]:
+        chosen = reference
+    spread = max(_spread(times[name]) for name in {reference, chosen} if name in times)
+    noisy = None
+    if (spread > _NOISY.get(device.type, 1.5)
+            and times_ms[chosen] >= _NOISE_FLOOR_MS.get(device.type, 0.5)):
+        noisy, chosen = spread, reference
+    return RaceResult(chosen, times_ms, failed, noisy)
 
 
 # ---- deciding ---------------------------------------------------------------------------------

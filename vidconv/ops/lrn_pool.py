@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import statistics
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -199,7 +198,7 @@ class LrnPoolKey:
 @dataclass
 class LrnPoolDecision:
     fused: bool
-    how: str  # "tuned", "forced", "heuristic", "disagrees", "raised"
+    how: str  # "tuned", "noisy", "forced", "heuristic", "disagrees", "raised"
     times_ms: dict[str, float]
     rel_err: float | None = None
 
@@ -244,10 +243,12 @@ def prefer_fused(x: torch.Tensor, size: int, alpha: float, beta: float, k: float
 
     On the first call for a shape (device, dtype, layout, sizes, parameters, and whether
     gradients are wanted), both run on the real activation: their outputs must agree (else the
-    composition is kept, with a warning) and each is timed (perf_counter on the CPU, CUDA events
-    on a GPU, interleaved, median of 3 or 5; forward and backward when gradients are wanted).
-    The fused op is chosen only when faster by more than the timing noise (10% CPU, 3% CUDA, as
-    the convolution planner's margin). The choice is kept for the process.
+    composition is kept, with a warning) and both are timed by the convolution planner's
+    :func:`~vidconv.ops.conv_planner.race` (perf_counter on the CPU, CUDA events on a GPU, run
+    by run in turn, 3 or 5 runs; forward and backward when gradients are wanted). The fused op
+    is chosen only when faster by more than the timing noise (10% CPU, 3% CUDA); timings too
+    uneven to decide keep the composition, with a warning. The choice is kept for the
+    process.
 
     ``VIDCONV_LRN_POOL=fused`` / ``aten`` force one path; ``auto`` (default) measures. While
     ``torch.compile`` traces, the answer is False (the compiler fuses the composition itself);
@@ -319,14 +320,15 @@ def _measure(x, size, alpha, beta, k, pool, ceil_mode, unfused, grad) -> LrnPool
                       f"{err:.3g} (relative) on x {tuple(x.shape)} {x.dtype}; not used there",
                       RuntimeWarning, stacklevel=3)
         return LrnPoolDecision(False, "disagrees", {}, err)
-    repeats = _REPEATS.get(x.device.type, 3)
-    times: dict[str, list[float]] = {"fused": [], "aten": []}
-    for fn in runs.values():  # warm-up (allocator, first-touch, lazy init)
-        fn()
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            times[name] += conv_planner.time_candidate(name, fn, x.device, 1)
-    medians = {name: statistics.median(t) for name, t in times.items()}
-    margin = conv_planner._REFERENCE_MARGIN.get(x.device.type, 0.10)
-    fused = medians["fused"] * (1 + margin) <= medians["aten"]
-    return LrnPoolDecision(fused, "tuned", medians, err)
+    times: dict[str, list[float]] = {}
+    for name, fn in runs.items():
+        fn()  # warm-up (allocator, first-touch, lazy init)
+        times[name] = conv_planner.time_candidate(name, fn, x.device, 1)
+    result = conv_planner.race(runs, times, "aten", x.device, _REPEATS.get(x.device.type, 3) - 1)
+    if result.noisy is not None:
+        warnings.warn(f"vidconv lrn_max_pool: timings varied {result.noisy:.1f}x between runs "
+                      f"on x {tuple(x.shape)} {x.dtype} (other work on the same device?); the "
+                      "model's LRN + max pool run there in this process", RuntimeWarning,
+                      stacklevel=3)
+        return LrnPoolDecision(False, "noisy", result.times_ms, err)
+    return LrnPoolDecision(result.chosen == "fused", "tuned", result.times_ms, err)
