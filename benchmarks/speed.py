@@ -36,6 +36,7 @@ import contextlib
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ import _common  # noqa: E402
 
 import vidconv  # noqa: E402
 from vidconv.models import build, list_models  # noqa: E402
-from vidconv.ops import conv_plan, use_conv_algo  # noqa: E402
+from vidconv.ops import conv_plan, linear_plan, lrn_pool_plan, use_conv_algo  # noqa: E402
 
 MODES = ("forward", "train", "forward32", "train32")
 # Modes timed at the paper's batch of 32 whatever --batch-size says, and the step they time.
@@ -193,12 +194,15 @@ class Case:
         return step
 
     def tune(self, mode: str, device: torch.device) -> None:
-        """One untimed step, in which st_conv3d decides its algorithm for every layer the step
-        meets; the tuning time those decisions took is added to the row."""
-        before = len(conv_plan())
+        """One untimed step, in which st_conv3d, the LRN + max pool stages and the FC layers
+        decide their algorithm for every layer the step meets; the tuning time those decisions
+        took is added to the row."""
+        before = len(conv_plan()), len(lrn_pool_plan()), len(linear_plan())
         self.step(mode)()
         _common.synchronize(device)
-        spent = sum(d["tune_s"] for d in conv_plan()[before:] if not d["from_cache"])
+        spent = (sum(d["tune_s"] for d in conv_plan()[before[0]:] if not d["from_cache"])
+                 + sum(d["tune_s"] for d in lrn_pool_plan()[before[1]:])
+                 + sum(d["tune_s"] for d in linear_plan()[before[2]:]))
         self.row["tune_s"] = self.row.get("tune_s", 0.0) + spent
 
 
@@ -417,6 +421,8 @@ def run(args: argparse.Namespace, plan_cache: str) -> int:
                      "conv_path": conv_path, "ceiling_tflops": peak_tflops,
                      "ceiling": ceiling},
         "rows": rows, "summary": summary, "conv_plan": conv_plan(),
+        "lrn_pool_plan": [{**d, "key": asdict(d["key"])} for d in lrn_pool_plan()],
+        "linear_plan": [{**d, "key": asdict(d["key"])} for d in linear_plan()],
     }
     path = _common.write_json("speed", payload, args.json, device=device)
     if args.plot:

@@ -23,6 +23,7 @@ from vidconv.models.tower import (
     stage_sizes,
     without_last_pool,
 )
+from vidconv.nn import Linear
 from vidconv.ops._validate import expect_bool, expect_int, expect_real
 
 FULL_RES_SIZE = 170
@@ -109,11 +110,11 @@ class VideoNet(nn.Module):
         tower_features = layers[-1].channels * t * h * w
         fc1_units, fc2_units = (scaled(n, width) for n in arch.fc_units)
         self.drop1 = nn.Dropout(dropout)
-        self.fc1 = nn.Linear(len(stream_names) * tower_features, fc1_units)
+        self.fc1 = Linear(len(stream_names) * tower_features, fc1_units)
         self.drop2 = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(fc1_units, fc2_units)
+        self.fc2 = Linear(fc1_units, fc2_units)
         self.drop3 = nn.Dropout(dropout)
-        self.classifier = nn.Linear(fc2_units, num_classes)
+        self.classifier = Linear(fc2_units, num_classes)
         self._init_weights()
 
     # ----------------------------------------------------------------------------- description
@@ -179,7 +180,7 @@ class VideoNet(nn.Module):
         """A new, freshly initialised classifier for `num_classes` classes (transfer learning)."""
         num_classes = expect_int("num_classes", num_classes, minimum=1)
         old = self.classifier.weight
-        self.classifier = nn.Linear(self.fc2.out_features, num_classes, device=old.device,
+        self.classifier = Linear(self.fc2.out_features, num_classes, device=old.device,
                                     dtype=old.dtype)
         _init_classifier(self.classifier)
 

@@ -5,6 +5,7 @@ torch.compile, and a plain-PyTorch version in `vidconv.reference` that the tests
 """
 
 from vidconv.ops.conv_planner import clear_conv_plan, conv_plan, use_conv_algo
+from vidconv.ops.fully_connected import clear_linear_plan, linear, linear_plan
 from vidconv.ops.lrn_pool import clear_lrn_pool_plan, lrn_max_pool, lrn_pool_plan
 from vidconv.ops.preprocess import (
     DEFAULT_MEAN,
@@ -14,6 +15,6 @@ from vidconv.ops.preprocess import (
 )
 from vidconv.ops.st_conv import st_conv3d
 
-__all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "clear_conv_plan", "clear_lrn_pool_plan", "conv_plan",
-           "crop_normalize", "fovea_context", "lrn_max_pool", "lrn_pool_plan", "st_conv3d",
-           "use_conv_algo"]
+__all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "clear_conv_plan", "clear_linear_plan",
+           "clear_lrn_pool_plan", "conv_plan", "crop_normalize", "fovea_context", "linear",
+           "linear_plan", "lrn_max_pool", "lrn_pool_plan", "st_conv3d", "use_conv_algo"]

@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -201,6 +202,7 @@ class LrnPoolDecision:
     how: str  # "tuned", "noisy", "forced", "heuristic", "disagrees", "raised"
     times_ms: dict[str, float]
     rel_err: float | None = None
+    tune_s: float = 0.0
 
 
 _lock = threading.Lock()
@@ -219,7 +221,7 @@ def lrn_pool_plan() -> list[dict]:
     """Every choice :func:`prefer_fused` made in this process: key, fused or not, how, times."""
     with _lock:
         return [{"key": key, "fused": d.fused, "how": d.how, "times_ms": dict(d.times_ms),
-                 "rel_err": d.rel_err} for key, d in _decisions.items()]
+                 "rel_err": d.rel_err, "tune_s": d.tune_s} for key, d in _decisions.items()]
 
 
 def clear_lrn_pool_plan() -> None:
@@ -250,7 +252,8 @@ def prefer_fused(x: torch.Tensor, size: int, alpha: float, beta: float, k: float
     uneven to decide keep the composition, with a warning. The choice is kept for the
     process.
 
-    ``VIDCONV_LRN_POOL=fused`` / ``aten`` force one path; ``auto`` (default) measures. While
+    ``VIDCONV_LRN_POOL=fused`` / ``aten`` force one path; ``auto`` (default) measures, except
+    under ``VIDCONV_CONV_ALGO=aten`` (plain PyTorch throughout), which keeps the composition. While
     ``torch.compile`` traces, the answer is False (the compiler fuses the composition itself);
     under CUDA-graph capture nothing can be timed, so a shape without a choice yet runs the
     composition there.
@@ -260,6 +263,8 @@ def prefer_fused(x: torch.Tensor, size: int, alpha: float, beta: float, k: float
     mode = _mode()
     if mode != "auto":
         return mode == "fused"
+    if conv_planner._mode() == "aten":  # plain PyTorch asked for: the model's own LRN + pool
+        return False
     grad = torch.is_grad_enabled() and x.requires_grad
     key = LrnPoolKey(conv_planner._device_name(x.device), str(x.dtype).removeprefix("torch."),
                      _format_name(x), tuple(x.shape),
@@ -270,7 +275,9 @@ def prefer_fused(x: torch.Tensor, size: int, alpha: float, beta: float, k: float
         return decision.fused
     if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
+    start = time.perf_counter()
     decision = _measure(x, size, alpha, beta, k, list(pool), ceil_mode, unfused, grad)
+    decision.tune_s = time.perf_counter() - start
     with _lock:
         _decisions[key] = decision
     return decision.fused
