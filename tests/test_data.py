@@ -585,6 +585,30 @@ def test_rotation_metadata_is_honoured(shared_videos: Path) -> None:
         assert shown.shape[:2] == ((568, 320) if degrees in (90, 270) else (320, 568))
 
 
+def test_one_frame_converter_per_video_gives_the_same_bits(shared_videos: Path) -> None:
+    """decode_frames and prepare share one PyAV converter over a video's frames (built once,
+    not per frame): every frame, resized or not, upright or turned, equals the per-frame
+    conversion."""
+    from vidconv.data.decode import _convert, reformatter
+
+    for name in ("flipping_a_pancake.mkv", "video_90.mov", "video_270.mov"):
+        path = shared_videos / name
+        rotation = probe(path).rotation
+        converter = reformatter()
+        container = av.open(str(path))
+        try:
+            for number, frame in enumerate(container.decode(video=0)):
+                for size in (None, 178, 200):
+                    shared = _convert(frame, rotation, size, converter)
+                    alone = _convert(frame, rotation, size)
+                    assert shared.shape == alone.shape and np.array_equal(shared, alone), \
+                        (name, number, size)
+                if number == 11:
+                    break
+        finally:
+            container.close()
+
+
 def test_every_shared_file_goes_through_the_loader(shared_videos: Path, tmp_path: Path) -> None:
     root = tmp_path / "all"
     (root / "real").mkdir(parents=True)

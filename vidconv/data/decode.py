@@ -139,14 +139,28 @@ def _to_display(rgb: np.ndarray, rotation: int, frame_size: int | None) -> np.nd
     return np.ascontiguousarray(rgb)
 
 
-def _convert(frame, rotation: int, frame_size: int | None) -> np.ndarray:
-    if frame_size is None:
-        rgb = frame.to_ndarray(format="rgb24")
-    else:
+def reformatter():
+    """One PyAV frame converter for a video's frames. ``frame.reformat`` builds a converter
+    (an FFmpeg SwsContext, its filters included) for every frame it is called on: ~0.9 ms of
+    the ~2 ms that converting a 640x360 frame to 356x200 RGB took on the development CPU,
+    spent again each frame. Shared, it is built once and gives the same bits."""
+    from av.video.reformatter import VideoReformatter
+
+    return VideoReformatter()
+
+
+def _convert(frame, rotation: int, frame_size: int | None, converter=None) -> np.ndarray:
+    """A decoded frame as upright uint8 RGB, centre-cropped and resized when ``frame_size``
+    is given; ``converter``: a :func:`reformatter` shared by the video's frames."""
+    h = w = None
+    if frame_size is not None:
         h, w = square_geometry(frame.height, frame.width, frame_size)
-        rgb = frame.reformat(width=w, height=h, format="rgb24",
-                             interpolation="BILINEAR").to_ndarray()
-    return _to_display(rgb, rotation, frame_size)
+    if converter is None:
+        rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="BILINEAR")
+    else:
+        rgb = converter.reformat(frame, width=w, height=h, format="rgb24",
+                                 interpolation="BILINEAR")
+    return _to_display(rgb.to_ndarray(), rotation, frame_size)
 
 
 def decode_frames(path: str | Path, indices: Sequence[int] | None = None, *,
@@ -198,11 +212,13 @@ def decode_frames(path: str | Path, indices: Sequence[int] | None = None, *,
         unplaced = False
         lookup = frozenset(wanted or ())
         decoded: list[tuple[int, int, object]] = []  # (pts, arrival, frame) for full decodes
+        converter = reformatter()
         try:
             for frame in container.decode(stream):
                 if wanted is None:
                     key = frame.pts if frame.pts is not None else counter
-                    decoded.append((key, counter, _convert(frame, info.rotation, frame_size)))
+                    decoded.append((key, counter, _convert(frame, info.rotation, frame_size,
+                                                            converter)))
                     counter += 1
                     continue
                 if pts_index is not None:
@@ -215,7 +231,7 @@ def decode_frames(path: str | Path, indices: Sequence[int] | None = None, *,
                 counter += 1
                 if index in frames or index not in lookup:
                     continue
-                frames[index] = _convert(frame, info.rotation, frame_size)
+                frames[index] = _convert(frame, info.rotation, frame_size, converter)
                 if len(frames) == len(wanted):
                     break
         except (av.error.FFmpegError, OSError) as exc:

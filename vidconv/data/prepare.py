@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vidconv.data.decode import DecodeError, _convert, _open, _rotation_of
+from vidconv.data.decode import DecodeError, _convert, _open, _rotation_of, reformatter
 from vidconv.data.shards import (
     FORMAT,
     FORMAT_VERSION,
@@ -105,11 +105,12 @@ def prepare_video(path: str | Path, frame_size: int, quality: int, fps: float | 
         stream.codec_context.thread_count = 1
         source_fps = _fps_of(stream)
         rotation = None
+        converter = reformatter()
         try:
             for counter, frame in enumerate(container.decode(stream)):
                 if rotation is None:
                     rotation = _rotation_of(frame)
-                rgb = _convert(frame, rotation, frame_size)
+                rgb = _convert(frame, rotation, frame_size, converter)
                 key = frame.pts if frame.pts is not None else counter
                 decoded.append((key, counter, encode_jpeg(rgb, quality)))
         except (av.error.FFmpegError, OSError) as exc:
