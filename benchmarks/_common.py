@@ -207,6 +207,24 @@ def measured_ceiling(device: torch.device | str, dtype: torch.dtype = torch.bflo
             "label": label}
 
 
+def huge_pages(enabled: bool) -> str:
+    """Big CPU tensors on transparent huge pages (vidconv.host_memory.use_huge_pages), as the
+    ``vidconv`` command runs, unless not `enabled`: "on", or "off: <why>" for the JSON."""
+    from vidconv.host_memory import use_huge_pages
+
+    if not enabled:
+        return "off: --no-huge-pages"
+    why = use_huge_pages()
+    return "on" if why is None else f"off: {why}"
+
+
+def add_huge_pages_flag(p: Any) -> None:
+    p.add_argument("--no-huge-pages", action="store_true",
+                   help="leave PyTorch's CPU tensors on 4 KiB pages (default: huge pages for "
+                        "tensors of 2 MiB and more, as the vidconv command does; see "
+                        "vidconv.host_memory)")
+
+
 @contextlib.contextmanager
 def conv_plan_cache(use_users: bool) -> Iterator[str]:
     """The conv algorithm plan a benchmark runs with: the user's ($VIDCONV_CACHE_DIR) when

@@ -266,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None,
                    help="threads of the multi-threaded PyAV row (default: CPU cores)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
+    _common.add_huge_pages_flag(p)
     args = p.parse_args(argv)
+    huge_pages = _common.huge_pages(not args.no_huge_pages)  # before any big tensor
     if args.quick:
         args.videos, args.frames, args.epochs = 3, 40, 3
     device = _common.resolve_device(args.device)
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"spec": {"frames": SPEC.frames, "size": SPEC.size, "frame_size": SPEC.frame_size},
                "videos": args.videos, "frames_per_video": args.frames, "epochs": args.epochs,
                "batch": args.batch, "cores_available": cores, "dali": has_dali,
-               "cache": "off (every clip decoded)",
+               "cache": "off (every clip decoded)", "huge_pages": huge_pages,
                # Other processes compete for the cores on a shared machine; say how busy it was.
                "load_average_before": load_before,
                "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -93,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tuning and no decision made under other conditions)")
     p.add_argument("--no-autocast", action="store_true",
                    help="on CUDA, time float32 instead of bf16 autocast")
+    _common.add_huge_pages_flag(p)
     p.add_argument("--json", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/speed-<device>.json)")
     p.add_argument("--plot", action="store_true",
@@ -333,6 +334,7 @@ def plot(rows: list[dict[str, Any]], models: list[str], modes: list[str], title:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.huge_pages = _common.huge_pages(not args.no_huge_pages)  # before any big tensor
     with _common.conv_plan_cache(args.use_plan_cache) as plan_cache:
         return run(args, plan_cache)
 
@@ -419,6 +421,7 @@ def run(args: argparse.Namespace, plan_cache: str) -> int:
                      "width": width, "warmup": warmup, "repeats": repeats,
                      "precision": precision, "memory_format": args.memory_format,
                      "conv_path": conv_path, "ceiling_tflops": peak_tflops,
+                     "huge_pages": args.huge_pages,
                      "ceiling": ceiling},
         "rows": rows, "summary": summary, "conv_plan": conv_plan(),
         "lrn_pool_plan": [{**d, "key": asdict(d["key"])} for d in lrn_pool_plan()],

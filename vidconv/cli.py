@@ -587,6 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vidconv`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from vidconv.host_memory import use_huge_pages
+
+    use_huge_pages()  # before the first big tensor; VIDCONV_HUGE_PAGES=0 turns it off
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # one line, no source path
         try:
