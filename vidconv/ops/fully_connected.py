@@ -12,14 +12,14 @@ backward as ``F.linear``'s does.
 :func:`linear` is ``F.linear`` for 2-D inputs with that choice made per layer, like
 :func:`vidconv.ops.st_conv3d`'s: on the first call for a key (device, dtype, batch rows, weight
 shape, bias, whether gradients are wanted) both candidates run on the real input, the
-candidate's output is checked against ``F.linear``'s, and both are timed by the convolution
-planner's :func:`~vidconv.ops.conv_planner.race` (forward, or forward and backward when
-gradients are wanted); the choice is kept for the process. ``F.linear`` runs as it is where
-nothing can be timed or where the orientation is not this function's to choose: under
-``torch.compile`` tracing, CUDA-graph capture, autocast and dispatch modes (FLOP counters,
-fake tensors), for tensor subclasses, other devices and inputs that are not 2-D, with
-``VIDCONV_CONV_ALGO=aten`` (plain PyTorch, the knob ``benchmarks/speed.py`` compares against) or
-``VIDCONV_TUNE=0``.
+candidate's output is checked against ``F.linear``'s, and both forwards are timed by the
+convolution planner's :func:`~vidconv.ops.conv_planner.race` (with autograd recording when
+gradients are wanted: the backwards are the same GEMMs); the choice is kept for the process.
+``F.linear`` runs as it is where nothing can be timed or where the orientation is not this
+function's to choose: under ``torch.compile`` tracing, CUDA-graph capture, autocast and
+dispatch modes (FLOP counters, fake tensors); for tensor subclasses, other devices and inputs
+that are not 2-D; with ``VIDCONV_CONV_ALGO=aten`` (plain PyTorch, the knob
+``benchmarks/speed.py`` compares against) or ``VIDCONV_TUNE=0``.
 """
 
 from __future__ import annotations
@@ -172,19 +172,19 @@ def _measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     bs = None if bias is None else bias.detach()
 
     def run(fn):
-        if not grad:
-            def forward():
-                with torch.no_grad():
-                    return fn(xs, ws, bs)
-            return forward
+        # Forward only, gradients or not: both backwards are the same two GEMMs and a sum
+        # (F.linear's autograd orders them to give the weight gradient row-major, as
+        # _WeightMajorLinear does), so the step differs by the forward alone; timing it alone
+        # keeps tuning cheap (a backward of fc1 costs 4x its forward). With gradients wanted
+        # it runs with autograd recording, as in training.
+        def forward():
+            with torch.set_grad_enabled(grad):
+                return fn(xg, wg, bg)
+        return forward
 
-        def forward_backward():
-            xg, wg = xs.clone().requires_grad_(True), ws.clone().requires_grad_(True)
-            bg = None if bs is None else bs.clone().requires_grad_(True)
-            out = fn(xg, wg, bg)
-            out.backward(torch.ones_like(out))
-            return out
-        return forward_backward
+    # Fresh leaves over the same memory when gradients are wanted (no copy of the weights).
+    xg, wg = xs.detach().requires_grad_(grad), ws.detach().requires_grad_(grad)
+    bg = None if bs is None else bs.detach().requires_grad_(grad)
 
     where = (f"x {tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}, weight "
              f"{tuple(weight.shape)} on {x.device}")
@@ -204,7 +204,9 @@ def _measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     runs = {name: run(_RUN[name]) for name in CANDIDATES}
     times: dict[str, list[float]] = {}
     for name, fn in runs.items():
-        fn()  # warm-up (allocator, first touch)
+        if x.device.type == "cuda":
+            fn()  # warm-up (lazy init, cuBLAS heuristics); on the CPU the race's re-runs of
+            # the close candidates are warm enough, as for the convolutions
         times[name] = conv_planner.time_candidate(name, fn, x.device, 1)
     result = conv_planner.race(runs, times, "aten", x.device, _REPEATS.get(x.device.type, 3) - 1)
     if result.noisy is not None:
