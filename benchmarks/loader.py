@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
     _common.add_huge_pages_flag(p)
     args = p.parse_args(argv)
-    huge_pages = _common.huge_pages(not args.no_huge_pages)  # before any big tensor
+    huge_pages = _common.huge_pages(not args.no_huge_pages)  # before any CPU tensor
     if args.quick:
         args.videos, args.frames, args.epochs = 3, 40, 3
     device = _common.resolve_device(args.device)

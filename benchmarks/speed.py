@@ -334,7 +334,7 @@ def plot(rows: list[dict[str, Any]], models: list[str], modes: list[str], title:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.huge_pages = _common.huge_pages(not args.no_huge_pages)  # before any big tensor
+    args.huge_pages = _common.huge_pages(not args.no_huge_pages)  # before any CPU tensor
     with _common.conv_plan_cache(args.use_plan_cache) as plan_cache:
         return run(args, plan_cache)
 

@@ -56,7 +56,8 @@ def test_weight_major_equals_f_linear(rows, in_features, out_features, dtype, bi
     want_grads = torch.autograd.grad(want, [t for t in (x, w, b) if t is not None], grad)
     tol = fc.tolerance(dtype, in_features)
     assert conv_planner._rel_err(got, want) <= tol
-    for g_got, g_want, n in zip(got_grads, want_grads, (in_features, rows, rows), strict=False):
+    # Reductions: grad_x over out_features, grad_w and grad_b over the rows.
+    for g_got, g_want, n in zip(got_grads, want_grads, (out_features, rows, rows), strict=False):
         assert conv_planner._rel_err(g_got, g_want) <= fc.tolerance(dtype, n)
 
 
@@ -83,9 +84,17 @@ def test_the_faster_candidate_is_chosen_once_per_key(monkeypatch):
     with torch.no_grad():
         fc.linear(x, w, b)
     assert len(calls) == n  # remembered for the key
-    # Another batch size, and gradients wanted, are other keys.
-    fc.linear(torch.randn(4, 64), w.requires_grad_(True), b)
+    # Gradients wanted, another batch size, a non-contiguous input: other keys, each decided.
+    w.requires_grad_(True)
+    fc.linear(x, w, b)
     assert len(fc.linear_plan()) == 2 and fc.linear_plan()[1]["key"].grad
+    with torch.no_grad():
+        fc.linear(torch.randn(4, 64), w, b)
+        x_t = torch.randn(64, 8).t()
+        torch.testing.assert_close(fc.linear(x_t, w, b), F.linear(x_t, w, b))
+    keys = [d["key"] for d in fc.linear_plan()]
+    assert [k.rows for k in keys] == [8, 8, 4, 8]
+    assert [k.x_contiguous for k in keys] == [True, True, True, False]
 
 
 def test_within_the_margin_f_linear_stays(monkeypatch):
@@ -179,3 +188,63 @@ def test_models_use_it_and_keep_their_outputs(monkeypatch):
     with torch.no_grad():
         want = model(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_torch_func_and_forward_ad_run_f_linear_after_a_choice(monkeypatch):
+    _inject(monkeypatch, {"aten": [10.0], "weight_major": [1.0]})
+    x, w, b = torch.randn(8, 64), torch.randn(32, 64), torch.randn(32)
+    with torch.no_grad():
+        fc.linear(x, w, b)  # this key now runs weight_major
+    assert fc.linear_plan()[0]["chosen"] == "weight_major"
+
+    def loss(weight, inputs):
+        return fc.linear(inputs, weight, b).relu().sum()
+
+    # Per-sample gradients: vmap over rows of one, grad inside (the custom Function has no
+    # vmap rule; F.linear has).
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(w, x[:, None])
+    want = torch.func.vmap(torch.func.grad(
+        lambda weight, inputs: F.linear(inputs, weight, b).relu().sum()), in_dims=(None, 0))(
+        w, x[:, None])
+    torch.testing.assert_close(got, want)
+    import torch.autograd.forward_ad as fwad
+
+    tangent = torch.randn_like(x)
+    with fwad.dual_level():
+        out = fc.linear(fwad.make_dual(x, tangent), w, b)
+        jvp = fwad.unpack_dual(out).tangent
+    torch.testing.assert_close(jvp, tangent @ w.t())
+
+
+def test_distributed_runs_f_linear_untimed(monkeypatch):
+    calls: list[str] = []
+    _inject(monkeypatch, {"aten": [10.0], "weight_major": [1.0]}, calls)
+    monkeypatch.setattr(conv_planner, "_distributed", lambda: True)
+    with torch.no_grad():
+        fc.linear(torch.randn(8, 64), torch.randn(32, 64))
+    assert calls == [] and fc.linear_plan() == []
+
+
+def test_threads_deciding_at_once_measure_once(monkeypatch):
+    import threading
+
+    calls: list[str] = []
+    _inject(monkeypatch, {"aten": [10.0], "weight_major": [5.0]}, calls)
+    x, w = torch.randn(8, 64), torch.randn(32, 64)
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            with torch.no_grad():
+                torch.testing.assert_close(fc.linear(x, w), F.linear(x, w))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(fc.linear_plan()) == 1
+    assert calls.count("weight_major") == calls.count("aten") <= 3  # one race, not four

@@ -14,6 +14,7 @@ Multi-process training: ``torchrun --nproc_per_node 8 -m vidconv train ...``.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -589,7 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from vidconv.host_memory import use_huge_pages
 
-    use_huge_pages()  # before the first big tensor; VIDCONV_HUGE_PAGES=0 turns it off
+    why_not = use_huge_pages()  # before the first tensor; VIDCONV_HUGE_PAGES=0 turns it off
+    if why_not is not None:
+        logging.getLogger("vidconv").debug("CPU tensors on 4 KiB pages: %s", why_not)
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning  # one line, no source path
         try:

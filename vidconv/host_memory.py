@@ -8,15 +8,15 @@ a fresh ``mmap``, and the kernel then zero-fills them 4 KiB page by page on firs
 16,384 page faults; writing a 103 MB weight gradient took 70-79 ms against 21-27 ms into memory
 already mapped; the loader's ``crop_normalize`` spent most of its time faulting in its output.
 
-PyTorch's CPU allocator can align tensors of 2 MiB and more to 2 MiB and ask the kernel for
-transparent huge pages there (``THP_MEM_ALLOC_ENABLE=1``, read on the first such allocation):
+PyTorch's CPU allocator can ask the kernel for transparent huge pages for tensors of 2 MiB and
+more (``THP_MEM_ALLOC_ENABLE=1``, read once, at the process's first CPU tensor of any size):
 one fault per 2 MiB. Measured there: the fresh 64 MiB tensor 553 faults instead of 16,384; the
 103 MB gradient 32 ms instead of 79; allocating and filling 103 MB 12 ms instead of 54.
 Memory is still given back to the kernel when freed.
 
 :func:`use_huge_pages` turns that on for the process. It is process-wide and must come before
-the first CPU tensor of 2 MiB, so the library never calls it on import: the ``vidconv``
-command and the benchmarks call it at start (``VIDCONV_HUGE_PAGES=0`` turns it off; a
+the first CPU tensor, so the library never calls it on import (which allocates none): the
+``vidconv`` command and the benchmarks call it at start (``VIDCONV_HUGE_PAGES=0`` turns it off; a
 ``THP_MEM_ALLOC_ENABLE`` already in the environment is left as the user set it).
 """
 
@@ -39,8 +39,8 @@ def use_huge_pages() -> str | None:
     Returns:
         None when it is in effect in this process, else why not (a sentence): turned off by
         ``VIDCONV_HUGE_PAGES=0`` or ``THP_MEM_ALLOC_ENABLE=0``, not Linux, the kernel's
-        transparent huge pages set to "never", or a CPU tensor of 2 MiB or more was allocated
-        before the call (PyTorch reads the setting once).
+        transparent huge pages set to "never", or a CPU tensor was allocated before the call
+        (PyTorch reads the setting once; the environment is then left as it was).
     """
     setting = os.environ.get(ENV, "1").strip().lower()
     if setting in ("0", "false", "no", "off"):
@@ -50,14 +50,18 @@ def use_huge_pages() -> str | None:
     mode = _kernel_mode()
     if mode == "never":
         return f"the kernel's transparent huge pages are off ({_THP_SETTING}: never)"
-    if os.environ.get(TORCH_ENV, "").strip() in ("0", ""):
-        if TORCH_ENV in os.environ and os.environ[TORCH_ENV].strip() == "0":
-            return f"turned off by {TORCH_ENV}=0"
-        os.environ[TORCH_ENV] = "1"
+    before = os.environ.get(TORCH_ENV)
+    if before is not None and before.strip() == "0":
+        return f"turned off by {TORCH_ENV}=0"
+    os.environ[TORCH_ENV] = "1"
     if not huge_pages_in_effect():
-        return ("too late: this process allocated a CPU tensor of 2 MiB or more before the "
-                f"call, and PyTorch reads {TORCH_ENV} once (call it first, or set "
-                f"{TORCH_ENV}=1 before starting Python)")
+        if before is None:
+            del os.environ[TORCH_ENV]  # not to change what child processes do either
+        else:
+            os.environ[TORCH_ENV] = before
+        return ("too late: this process allocated a CPU tensor before the call, and PyTorch "
+                f"reads {TORCH_ENV} once, at the first (call it first, or set {TORCH_ENV}=1 "
+                "before starting Python)")
     return None
 
 

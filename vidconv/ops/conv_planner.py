@@ -618,6 +618,23 @@ def race(runs: dict[str, Callable[[], Any]], times: dict[str, list[float]], refe
     return RaceResult(chosen, times_ms, failed, noisy)
 
 
+_CHOICE_REPEATS = {"cpu": _CPU_REPEATS, "cuda": _CUDA_REPEATS}
+
+
+def measure_choice(runs: dict[str, Callable[[], Any]], reference: str, device: torch.device,
+                   *, warm_up: bool) -> RaceResult:
+    """Time ``runs`` (name: a call, already checked against ``reference``, one of them) and
+    :func:`race` them: each once (after one untimed call when ``warm_up``), then the close
+    ones again, 3 runs in all on the CPU, 5 on CUDA. For the choices made outside this
+    planner (the LRN + pool stage, the FC layers' orientation)."""
+    times: dict[str, list[float]] = {}
+    for name, fn in runs.items():
+        if warm_up:
+            fn()
+        times[name] = time_candidate(name, fn, device, 1)
+    return race(runs, times, reference, device, _CHOICE_REPEATS.get(device.type, 3) - 1)
+
+
 # ---- deciding ---------------------------------------------------------------------------------
 
 

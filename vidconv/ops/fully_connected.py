@@ -17,9 +17,11 @@ convolution planner's :func:`~vidconv.ops.conv_planner.race` (with autograd reco
 gradients are wanted: the backwards are the same GEMMs); the choice is kept for the process.
 ``F.linear`` runs as it is where nothing can be timed or where the orientation is not this
 function's to choose: under ``torch.compile`` tracing, CUDA-graph capture, autocast and
-dispatch modes (FLOP counters, fake tensors); for tensor subclasses, other devices and inputs
-that are not 2-D; with ``VIDCONV_CONV_ALGO=aten`` (plain PyTorch, the knob
-``benchmarks/speed.py`` compares against) or ``VIDCONV_TUNE=0``.
+dispatch modes (FLOP counters, fake tensors), ``torch.func`` transforms, forward-mode AD and
+TorchScript; for tensor subclasses, other devices and inputs that are not 2-D; under
+``torch.distributed`` with more than one rank (ranks must agree); with
+``VIDCONV_CONV_ALGO=aten`` (plain PyTorch, the knob ``benchmarks/speed.py`` compares against)
+or ``VIDCONV_TUNE=0``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from vidconv.ops import conv_planner
@@ -50,6 +53,8 @@ class LinearKey:
     in_features: int
     bias: bool
     grad: bool
+    x_contiguous: bool
+    weight_contiguous: bool
 
 
 @dataclass
@@ -62,8 +67,8 @@ class LinearDecision:
 
 
 _lock = threading.Lock()
+_tune_lock = threading.Lock()
 _decisions: dict[LinearKey, LinearDecision] = {}
-_REPEATS = {"cpu": 3, "cuda": 5}
 
 
 class _WeightMajorLinear(torch.autograd.Function):
@@ -122,12 +127,20 @@ def clear_linear_plan() -> None:
 
 
 def _choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
-    if (torch.compiler.is_compiling() or x.device.type not in ("cpu", "cuda")
+    if (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
+            or x.device.type not in ("cpu", "cuda")
             or type(x) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter)
             or _get_current_dispatch_mode() is not None  # FlopCounterMode, FakeTensorMode...
+            # torch.func (vmap, grad, jacrev) and forward-mode AD: _WeightMajorLinear has
+            # neither a vmap rule nor a jvp
+            or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0
             or x.dim() != 2 or weight.dim() != 2 or x.dtype != weight.dtype
             or x.device != weight.device or x.shape[0] == 0
-            or torch.is_autocast_enabled(x.device.type)):
+            or torch.is_autocast_enabled(x.device.type)
+            # Ranks would decide apart, and no collective may wait inside a forward: one
+            # orientation everywhere.
+            or conv_planner._distributed()):
         return "aten"
     if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return _known(x, weight, bias) or "aten"
@@ -137,18 +150,24 @@ def _choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     with _lock:
         decision = _decisions.get(key)
     if decision is None:
-        start = time.perf_counter()
-        decision = _measure(x, weight, bias, key.grad)
-        decision.tune_s = time.perf_counter() - start
-        with _lock:
-            _decisions[key] = decision
+        # One measurement at a time: threads tuning at once would time each other's GEMMs.
+        with _tune_lock:
+            with _lock:
+                decision = _decisions.get(key)
+            if decision is None:
+                start = time.perf_counter()
+                decision = _measure(x, weight, bias, key.grad)
+                decision.tune_s = time.perf_counter() - start
+                with _lock:
+                    _decisions[key] = decision
     return decision.chosen
 
 
 def _key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKey:
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     return LinearKey(conv_planner._device_name(x.device), str(x.dtype).removeprefix("torch."),
-                     x.shape[0], weight.shape[0], weight.shape[1], bias is not None, grad)
+                     x.shape[0], weight.shape[0], weight.shape[1], bias is not None, grad,
+                     x.is_contiguous(), weight.is_contiguous())
 
 
 def _known(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
@@ -160,10 +179,11 @@ def _known(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 def tolerance(dtype: torch.dtype, in_features: int) -> float:
     """How far two summation orders of one GEMM may differ, relative to the output's largest
     magnitude: a few roundings of the output type plus float32 accumulation over
-    ``in_features`` terms (both candidates accumulate in at least float32)."""
-    eps = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10,
-           torch.bfloat16: 2.0**-7}.get(dtype, 2.0**-7)
-    return 4 * eps + 8 * math.sqrt(max(in_features, 1)) * 2.0**-23
+    ``in_features`` terms. (A GEMM that accumulates in less, such as cuBLAS fp16 with reduced
+    precision reductions allowed, may exceed it: the candidate is then refused and F.linear
+    runs, with a warning.)"""
+    eps = conv_planner._EPS.get(dtype, 2.0**-7)
+    return 4 * eps + 8 * math.sqrt(max(in_features, 1)) * conv_planner._EPS[torch.float32]
 
 
 def _measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -202,13 +222,10 @@ def _measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       stacklevel=4)
         return LinearDecision("aten", "disagrees", {}, err)
     runs = {name: run(_RUN[name]) for name in CANDIDATES}
-    times: dict[str, list[float]] = {}
-    for name, fn in runs.items():
-        if x.device.type == "cuda":
-            fn()  # warm-up (lazy init, cuBLAS heuristics); on the CPU the race's re-runs of
-            # the close candidates are warm enough, as for the convolutions
-        times[name] = conv_planner.time_candidate(name, fn, x.device, 1)
-    result = conv_planner.race(runs, times, "aten", x.device, _REPEATS.get(x.device.type, 3) - 1)
+    # A warm-up run on CUDA (lazy init, cuBLAS heuristics); on the CPU the check above has run
+    # both once, and the race's re-runs of the close ones are warm, as for the convolutions.
+    result = conv_planner.measure_choice(runs, "aten", x.device,
+                                         warm_up=x.device.type == "cuda")
     if result.noisy is not None:
         conv_planner._warn_once("linear-noisy", f"vidconv linear: timings varied "
                                 f"{result.noisy:.1f}x between runs on {where} (other work on "

@@ -207,7 +207,6 @@ class LrnPoolDecision:
 
 _lock = threading.Lock()
 _decisions: dict[LrnPoolKey, LrnPoolDecision] = {}
-_REPEATS = {"cpu": 3, "cuda": 5}
 
 
 def _mode() -> str:
@@ -327,11 +326,8 @@ def _measure(x, size, alpha, beta, k, pool, ceil_mode, unfused, grad) -> LrnPool
                       f"{err:.3g} (relative) on x {tuple(x.shape)} {x.dtype}; not used there",
                       RuntimeWarning, stacklevel=3)
         return LrnPoolDecision(False, "disagrees", {}, err)
-    times: dict[str, list[float]] = {}
-    for name, fn in runs.items():
-        fn()  # warm-up (allocator, first-touch, lazy init)
-        times[name] = conv_planner.time_candidate(name, fn, x.device, 1)
-    result = conv_planner.race(runs, times, "aten", x.device, _REPEATS.get(x.device.type, 3) - 1)
+    # A warm-up run first (allocator, first touch, lazy init): both are small next to a layer.
+    result = conv_planner.measure_choice(runs, "aten", x.device, warm_up=True)
     if result.noisy is not None:
         warnings.warn(f"vidconv lrn_max_pool: timings varied {result.noisy:.1f}x between runs "
                       f"on x {tuple(x.shape)} {x.dtype} (other work on the same device?); the "
