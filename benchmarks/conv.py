@@ -75,34 +75,11 @@ class Layer:
 
 
 def model_layers(width: float = 1.0) -> dict[tuple[str, str], Layer]:
-    """(model, conv name) -> shape, from each model's layer table: the model is run once on the
-    meta device and every SpatioTemporalConv reports what it receives."""
-    from vidconv.models import build, list_models
-    from vidconv.nn import SpatioTemporalConv
+    """(model, conv name) -> shape, from each model's layer table
+    (:func:`vidconv.models.conv_layer_shapes`)."""
+    from vidconv.models import conv_layer_shapes
 
-    layers: dict[tuple[str, str], Layer] = {}
-    for name in list_models():
-        for multires in (False, True):
-            model = build(name, multires=multires, width=width).to("meta").eval()
-            label = ("multires " if multires else "") + name
-            handles = []
-            for conv_name, module in model.named_modules():
-                if isinstance(module, SpatioTemporalConv):
-                    def hook(mod, args, conv_name=conv_name, label=label):
-                        x = args[0]
-                        short = conv_name.split(".")[-2] if "." in conv_name else conv_name
-                        key = (label, short)
-                        layers.setdefault(key, Layer(
-                            x.shape[1], mod.out_channels, tuple(mod.kernel_size),
-                            tuple(mod.stride), tuple(mod.padding), tuple(x.shape[2:])))
-                    handles.append(module.register_forward_pre_hook(hook))
-            t, s = model.spec.frames, model.spec.size
-            clip = torch.empty(1, 3, t, s, s, device="meta")
-            with torch.no_grad():
-                model((clip, clip) if model.multires else clip)
-            for h in handles:
-                h.remove()
-    return layers
+    return {key: Layer(**shape) for key, shape in conv_layer_shapes(width).items()}
 
 
 def unique_shapes(layers: dict[tuple[str, str], Layer]) -> dict[Layer, list[str]]:

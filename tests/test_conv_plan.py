@@ -487,29 +487,12 @@ def test_compile_fullgraph_with_auto(device, monkeypatch):
 def _paper_layers(width: float = 0.125) -> list[dict]:
     """Every conv layer shape of every architecture, full resolution and multires, at a small
     width (so C and K are small) and batch 1: captured from the models' own layer tables."""
-    from vidconv.models import build, list_models
-    from vidconv.nn import SpatioTemporalConv
+    from vidconv.models import conv_layer_shapes
 
     shapes: dict[tuple, dict] = {}
-    for name in list_models():
-        for multires in (False, True):
-            model = build(name, multires=multires, width=width).eval()
-
-            def hook(module, args, shapes=shapes):
-                x = args[0]
-                layer = dict(n=1, c=x.shape[1], k=module.out_channels, ksize=module.kernel_size,
-                             stride=module.stride, padding=module.padding,
-                             thw=tuple(x.shape[2:]))
-                shapes.setdefault(tuple(sorted(layer.items())), layer)
-
-            handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-                       if isinstance(m, SpatioTemporalConv)]
-            t, s = model.spec.frames, model.spec.size
-            clip = torch.zeros(1, 3, t, s, s)
-            with torch.no_grad(), vidconv.ops.use_conv_algo("aten"):
-                model((clip, clip) if model.multires else clip)
-            for h in handles:
-                h.remove()
+    for layer in conv_layer_shapes(width).values():
+        layer = dict(n=1, **layer)
+        shapes.setdefault(tuple(sorted(layer.items())), layer)
     return list(shapes.values())
 
 

@@ -42,28 +42,11 @@ def fresh_plan(tmp_path_factory, monkeypatch):
 def _paper_layers(width: float = 0.125) -> list[dict]:
     """Every conv layer shape of every architecture (full resolution and multires) at a small
     width, from the models' own layer tables (run on the meta device)."""
-    from vidconv.models import build, list_models
-    from vidconv.nn import SpatioTemporalConv
+    from vidconv.models import conv_layer_shapes
 
     shapes: dict[tuple, dict] = {}
-    for name in list_models():
-        for multires in (False, True):
-            model = build(name, multires=multires, width=width).to("meta").eval()
-
-            def hook(module, args, shapes=shapes):
-                layer = dict(c=args[0].shape[1], k=module.out_channels,
-                             ksize=tuple(module.kernel_size), stride=tuple(module.stride),
-                             padding=tuple(module.padding), thw=tuple(args[0].shape[2:]))
-                shapes.setdefault(tuple(sorted(layer.items())), layer)
-
-            handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-                       if isinstance(m, SpatioTemporalConv)]
-            t, s = model.spec.frames, model.spec.size
-            clip = torch.empty(1, 3, t, s, s, device="meta")
-            with torch.no_grad():
-                model((clip, clip) if model.multires else clip)
-            for h in handles:
-                h.remove()
+    for layer in conv_layer_shapes(width).values():
+        shapes.setdefault(tuple(sorted(layer.items())), layer)
     return list(shapes.values())
 
 

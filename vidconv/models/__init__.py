@@ -15,6 +15,8 @@ share is in :mod:`vidconv.models.tower`, the multiresolution streams in
 
 from __future__ import annotations
 
+from typing import Any
+
 # Importing the architecture files registers them, in the paper's order.
 from vidconv.models import early_fusion, late_fusion, single_frame, slow_fusion  # noqa: F401
 from vidconv.models.multires import split_fovea_context
@@ -28,6 +30,7 @@ __all__ = [
     "Tower",
     "VideoNet",
     "build",
+    "conv_layer_shapes",
     "get_architecture",
     "list_models",
     "split_fovea_context",
@@ -65,3 +68,42 @@ def build(
     arch = get_architecture(name)
     return VideoNet(arch, num_classes, multires=multires, stream=stream, width=width,
                     dropout=dropout)
+
+
+def conv_layer_shapes(width: float = 1.0) -> dict[tuple[str, str], dict[str, Any]]:
+    """What every convolution of every architecture receives at batch 1, full resolution and
+    multires: ``(model, conv) -> {"c", "k", "ksize", "stride", "padding", "thw"}`` (model
+    "slow_fusion" or "multires slow_fusion", conv "conv1" ... "conv5"; ``thw`` is the input's
+    (T, H, W)), in the order the forward meets them. Each model runs once on the meta device,
+    and every SpatioTemporalConv reports its input, so the shapes come from the models' own
+    layer tables. A multires model's two streams have the same shapes: the first is kept."""
+    import torch
+
+    from vidconv.nn import SpatioTemporalConv
+
+    layers: dict[tuple[str, str], dict[str, Any]] = {}
+    for name in list_models():
+        for multires in (False, True):
+            model = build(name, multires=multires, width=width).to("meta").eval()
+            label = ("multires " if multires else "") + name
+            handles = []
+            for path, module in model.named_modules():
+                if not isinstance(module, SpatioTemporalConv):
+                    continue
+                # "towers.fovea.conv1.conv" -> "conv1"
+                conv = path.split(".")[-2] if "." in path else path
+
+                def hook(mod, args, key=(label, conv)):
+                    layers.setdefault(key, dict(
+                        c=args[0].shape[1], k=mod.out_channels, ksize=tuple(mod.kernel_size),
+                        stride=tuple(mod.stride), padding=tuple(mod.padding),
+                        thw=tuple(args[0].shape[2:])))
+
+                handles.append(module.register_forward_pre_hook(hook))
+            t, s = model.spec.frames, model.spec.size
+            clip = torch.empty(1, 3, t, s, s, device="meta")
+            with torch.no_grad():
+                model((clip, clip) if model.multires else clip)
+            for h in handles:
+                h.remove()
+    return layers
