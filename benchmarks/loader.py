@@ -141,7 +141,7 @@ def real_footage(folder: Path, copies: int, root: Path) -> tuple[Path, list[str]
 
 
 def run_row(folder: Path, device: torch.device, backend: str, workers: int, batch: int,
-            epochs: int) -> dict[str, Any]:
+            epochs: int, min_seconds: float = 0.0) -> dict[str, Any]:
     """clips/s and cores busy for one loader configuration (first epoch is a warm-up)."""
     loader = ClipLoader(open_source(folder), SPEC, batch_size=batch, train=True, device=device,
                         backend=backend, num_workers=workers, cache_bytes=0)
@@ -150,7 +150,9 @@ def run_row(folder: Path, device: torch.device, backend: str, workers: int, batc
     clips = 0
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    epoch = 0
+    while epoch < epochs or time.perf_counter() - t0 < min_seconds:
+        epoch += 1
         loader.set_epoch(epoch)
         for b in loader:
             clips += b.labels.shape[0]
@@ -203,15 +205,18 @@ def time_dali_batched(folder: Path, device: torch.device, epochs: int, batch: in
     return rows
 
 
-def time_jpeg_only(prepared: Path, epochs: int) -> dict[str, Any]:
+def time_jpeg_only(prepared: Path, epochs: int, min_seconds: float = 0.0) -> dict[str, Any]:
     """The shards' share of a clip: reading, checking and decoding its 10 JPEG frames (the
-    training clips of ``epochs`` epochs), without batching or preprocessing."""
+    training clips of ``epochs`` epochs, or more until ``min_seconds`` have passed), without
+    batching or preprocessing."""
     loader = ClipLoader(open_source(prepared), SPEC, batch_size=1, train=True, cache_bytes=0)
     source, offsets = loader.source, SPEC.frame_offsets
     clips = 0
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    for epoch in range(epochs):
+    epoch = 0
+    while epoch < epochs or time.perf_counter() - t0 < min_seconds:
+        epoch += 1
         loader.set_epoch(epoch)
         for item in loader.items():
             source.decode_video(item.video, [item.start + o for o in offsets])
@@ -247,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=90, help="frames per video (default 90)")
     p.add_argument("--epochs", type=int, default=4, help="timed epochs (one clip per video)")
     p.add_argument("--batch", type=int, default=8, help="clips per batch (default 8)")
+    p.add_argument("--min-seconds", type=float, default=2.0,
+                   help="a timed row runs more epochs than --epochs until it has taken this "
+                        "long (default 2; fast rows of a few clips are otherwise mostly noise)")
     p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     p.add_argument("--codecs", nargs="+", default=list(CODECS), choices=list(CODECS))
     p.add_argument("--sources", nargs="+", default=["videos", "shards"],
@@ -270,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     huge_pages = _common.huge_pages(not args.no_huge_pages)  # before any CPU tensor
     if args.quick:
-        args.videos, args.frames, args.epochs = 3, 40, 3
+        args.videos, args.frames, args.epochs, args.min_seconds = 3, 40, 3, 0.0
+    if not args.min_seconds >= 0:
+        p.error(f"--min-seconds must be >= 0, got {args.min_seconds}")
     device = _common.resolve_device(args.device)
     torch.set_num_threads(max(1, args.torch_threads))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -343,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # DALI's own notices
                 if backend == "jpeg-only":
-                    row = time_jpeg_only(folder, args.epochs)
+                    row = time_jpeg_only(folder, args.epochs, args.min_seconds)
                 else:
-                    row = run_row(folder, dev, backend, nw, args.batch, args.epochs)
+                    row = run_row(folder, dev, backend, nw, args.batch, args.epochs,
+                                  args.min_seconds)
             if name == "pyav":
                 base[size, codec] = row["clips_per_s"]
             ref = base.get((size, codec))
@@ -362,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             args.batch)]
     payload = {"spec": {"frames": SPEC.frames, "size": SPEC.size, "frame_size": SPEC.frame_size},
                "videos": args.videos, "frames_per_video": args.frames, "epochs": args.epochs,
+               "min_seconds": args.min_seconds,
                "batch": args.batch, "cores_available": cores, "dali": has_dali,
                "cache": "off (every clip decoded)", "huge_pages": huge_pages,
                # Other processes compete for the cores on a shared machine; say how busy it was.

@@ -24,6 +24,14 @@ TORCH_LIBRARY(vidconv, m) {
   m.def(
       "crop_normalize(Tensor clips, int size, Tensor offsets, Tensor flip, float[] mean, "
       "float[] std, ScalarType dtype, bool channels_last) -> Tensor");
+  // Both into the caller's tensors, whose dtype and layout (contiguous or channels_last_3d)
+  // they take.
+  m.def(
+      "fovea_context.out(Tensor clips, int size, Tensor offsets, Tensor flip, float[] mean, "
+      "float[] std, *, Tensor(a!) fovea, Tensor(b!) context) -> ()");
+  m.def(
+      "crop_normalize.out(Tensor clips, int size, Tensor offsets, Tensor flip, float[] mean, "
+      "float[] std, *, Tensor(a!) out) -> ()");
   // conv3d + bias + optional ReLU. x (N, C, T, H, W), weight (K, C, kt, kh, kw). Its CPU and
   // CUDA kernels are registered from Python (vidconv/ops/st_conv.py): per layer shape they run
   // the fastest candidate that agrees with the reference (vidconv/ops/conv_planner.py).

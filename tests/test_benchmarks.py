@@ -228,9 +228,13 @@ def test_gpu_check_joins_wheel_parts_only_when_complete(tmp_path: Path) -> None:
 def test_loader_minimal_run_with_shards(tmp_path: Path) -> None:
     out = tmp_path / "loader.json"
     res = _run("loader", "--device", "cpu", "--sizes", "320x240", "--codecs", "h264",
-               "--videos", "2", "--frames", "12", "--epochs", "1", "--out", str(out))
+               "--videos", "2", "--frames", "12", "--epochs", "1", "--min-seconds", "0.2",
+               "--out", str(out))
     assert res.returncode == 0, res.stderr[-2000:]
     data = json.loads(out.read_text())
+    # Fast rows run more epochs than asked until they have taken --min-seconds.
+    shards = next(r for r in data["rows"] if r["backend"] == "shards")
+    assert data["min_seconds"] == 0.2 and shards["clips"] > 2
     backends = {r["backend"] for r in data["rows"]}
     assert {"pyav", "shards", "shards jpeg only"} <= backends
     assert all(r["clips_per_s"] > 0 and r["skipped"] == 0 for r in data["rows"])

@@ -358,3 +358,103 @@ def test_public_api() -> None:
     assert vidconv.ops.DEFAULT_MEAN == (117.0,) * 3
     assert vidconv.ops.fovea_context is fovea_context
     assert "fovea" in (fovea_context.__doc__ or "") and "crop" in (crop_normalize.__doc__ or "")
+
+
+# ---- out=: the caller's tensors ---------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 3, 37, 53, 17), (1, 2, 23, 29, 1), (3, 1, 200, 200, 170)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d],
+                         ids=["contiguous", "channels_last_3d"])
+def test_out_writes_what_a_fresh_call_returns(device: str, shape: tuple[int, ...],
+                                              dtype: torch.dtype,
+                                              memory_format: torch.memory_format) -> None:
+    n, t, h, w, s = shape
+    clips = make_clips(n, t, h, w, seed=5, device=device)
+    kw = dict(offsets=random_offsets(n, h, w, s, seed=2).to(device),
+              flip=(torch.arange(n) % 2 == 0).to(device), mean=MEAN, std=STD, dtype=dtype,
+              memory_format=memory_format)
+    want = crop_normalize(clips, s, **kw)
+    # NaN-filled: an element the kernel skipped would show.
+    out = torch.full_like(want, float("nan"))
+    got = crop_normalize(clips, s, out=out, **kw)
+    assert got is out and torch.equal(out, want) and out.stride() == want.stride()
+    want_f, want_c = fovea_context(clips, s, **kw)
+    pair = (torch.full_like(want_f, float("nan")), torch.full_like(want_c, float("nan")))
+    got_f, got_c = fovea_context(clips, s, out=pair, **kw)
+    assert got_f is pair[0] and got_c is pair[1]
+    assert torch.equal(got_f, want_f) and torch.equal(got_c, want_c)
+
+
+def test_out_unbatched_clip(device: str) -> None:
+    clips = make_clips(1, 2, 30, 30, seed=8, device=device)[0]
+    out = torch.empty(3, 2, 16, 16, device=device)
+    assert torch.equal(crop_normalize(clips, 16, out=out), crop_normalize(clips, 16))
+    pair = (torch.empty(3, 2, 15, 15, device=device), torch.empty(3, 2, 15, 15, device=device))
+    for a, b in zip(fovea_context(clips, 15, out=pair), fovea_context(clips, 15), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("out,error,match", [
+    (5, TypeError, r"out must be a tensor of shape \(2, 3, 2, 10, 10\), got int"),
+    (torch.empty(2, 3, 2, 10, 11), ValueError, r"out must have shape \(2, 3, 2, 10, 10\), got"),
+    (torch.empty(2, 3, 2, 10, 10, dtype=torch.float16), TypeError,
+     "out must have dtype torch.float32 .the dtype argument., got torch.float16"),
+    (torch.empty(2, 3, 2, 10, 10).transpose(3, 4), ValueError,
+     "out must be dense in memory_format torch.contiguous_format"),
+    (torch.empty(2, 3, 2, 10, 10, memory_format=torch.channels_last_3d), ValueError,
+     "out must be dense in memory_format torch.contiguous_format"),
+    (torch.empty(2, 3, 2, 10, 10, device="meta"), ValueError,
+     "out must be on clips' device cpu, got meta"),
+    (torch.empty(2, 3, 2, 10, 10, requires_grad=True), RuntimeError, "out requires grad"),
+])
+def test_out_bad_names_the_argument(out, error, match) -> None:
+    with pytest.raises(error, match=match):
+        crop_normalize(CLIPS, 10, out=out)
+
+
+def test_fovea_context_out_bad() -> None:
+    good = torch.empty(2, 3, 2, 10, 10)
+    with pytest.raises(TypeError, match=r"out must be a \(fovea, context\) pair"):
+        fovea_context(CLIPS, 10, out=good)
+    with pytest.raises(ValueError, match=r"out\[1\] \(context\) must have shape"):
+        fovea_context(CLIPS, 10, out=(good, torch.empty(2, 3, 2, 9, 10)))
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        fovea_context(CLIPS, 10, out=(good, good))
+    # The kernels re-check what a direct torch.ops call could get wrong.
+    m, s = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    off, flip = torch.zeros(2, 2, dtype=torch.int64), torch.zeros(2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"out must have shape \[2, 3, 2, 10, 10\]"):
+        torch.ops.vidconv.crop_normalize.out(CLIPS, 10, off, flip, m, s,
+                                             out=torch.empty(2, 3, 2, 10, 9))
+    with pytest.raises(RuntimeError, match="same dtype and layout"):
+        torch.ops.vidconv.fovea_context.out(CLIPS, 10, off, flip, m, s, fovea=good,
+                                            context=good.half())
+
+
+@pytest.mark.parametrize("op", ["fovea_context", "crop_normalize"])
+def test_opcheck_out(device: str, op: str) -> None:
+    clips = make_clips(2, 2, 19, 23, seed=1, device=device)
+    offsets = random_offsets(2, 19, 23, 11).to(device)
+    flip = torch.tensor([True, False], device=device)
+    for dtype, fmt in [(torch.float32, torch.contiguous_format),
+                       (torch.bfloat16, torch.channels_last_3d)]:
+        names = ("fovea", "context") if op == "fovea_context" else ("out",)
+        outs = {name: torch.empty(2, 3, 2, 11, 11, dtype=dtype, device=device,
+                                  memory_format=fmt) for name in names}
+        torch.library.opcheck(getattr(torch.ops.vidconv, op).out,
+                              (clips, 11, offsets, flip, list(MEAN), list(STD)), outs)
+
+
+def test_out_under_torch_compile_fullgraph(device: str) -> None:
+    clips = make_clips(2, 2, 26, 26, seed=4, device=device)
+    offsets = random_offsets(2, 26, 26, 13).to(device)
+
+    def fn(c: torch.Tensor, o: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        return crop_normalize(c, 13, offsets=o, out=buf) * 2
+
+    buf = torch.empty(2, 3, 2, 13, 13, device=device)
+    got = torch.compile(fn, fullgraph=True)(clips, offsets, buf)
+    want = crop_normalize(clips, 13, offsets=offsets)
+    assert torch.equal(buf, want) and torch.equal(got, want * 2)

@@ -1,6 +1,7 @@
 // ATen glue of fovea_context and crop_normalize on CUDA: checks, device guard, current stream,
 // one launch of the runtime-only kernel in fovea_context_kernel.cu, launch check.
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -8,6 +9,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "cuda/fovea_context_kernel.h"
 
@@ -127,11 +129,57 @@ at::Tensor crop_normalize_cuda(const at::Tensor& clips, int64_t size, const at::
   return out;
 }
 
+// The out= overloads write the caller's tensors; layout and dtype come from `out`.
+void check_out(const char* op, const char* name, const at::Tensor& clips, int64_t size,
+               const at::Tensor& out) {
+  TORCH_CHECK(out.device() == clips.device(), op, ": ", name, " must be on clips' device ",
+              clips.device(), ", got ", out.device());
+  const std::vector<int64_t> expected{clips.size(0), 3, clips.size(1), size, size};
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(expected), op, ": ", name, " must have shape ",
+              at::IntArrayRef(expected), ", got ", out.sizes());
+  TORCH_CHECK(out.is_contiguous() || out.is_contiguous(at::MemoryFormat::ChannelsLast3d), op,
+              ": ", name, " must be contiguous or channels_last_3d, got strides ",
+              out.strides());
+  at::assert_no_overlap(out, clips);
+}
+
+bool out_is_channels_last(const at::Tensor& out) { return !out.is_contiguous(); }
+
+void fovea_context_out_cuda(
+    const at::Tensor& clips, int64_t size, const at::Tensor& offsets, const at::Tensor& flip,
+    at::ArrayRef<double> mean, at::ArrayRef<double> std_, at::Tensor& fovea,
+    at::Tensor& context) {
+  check_inputs("fovea_context", true, clips, size, offsets, flip, mean, std_,
+               fovea.scalar_type());
+  check_out("fovea_context", "fovea", clips, size, fovea);
+  check_out("fovea_context", "context", clips, size, context);
+  TORCH_CHECK(context.scalar_type() == fovea.scalar_type() &&
+                  out_is_channels_last(context) == out_is_channels_last(fovea),
+              "fovea_context: fovea and context must have the same dtype and layout, got ",
+              fovea.scalar_type(), " and ", context.scalar_type());
+  at::assert_no_overlap(fovea, context);
+  const c10::cuda::CUDAGuard guard(clips.device());
+  run(clips, size, offsets, flip, mean, std_, out_is_channels_last(fovea), fovea, &context);
+}
+
+void crop_normalize_out_cuda(const at::Tensor& clips, int64_t size,
+                             const at::Tensor& offsets, const at::Tensor& flip,
+                             at::ArrayRef<double> mean, at::ArrayRef<double> std_,
+                             at::Tensor& out) {
+  check_inputs("crop_normalize", false, clips, size, offsets, flip, mean, std_,
+               out.scalar_type());
+  check_out("crop_normalize", "out", clips, size, out);
+  const c10::cuda::CUDAGuard guard(clips.device());
+  run(clips, size, offsets, flip, mean, std_, out_is_channels_last(out), out, nullptr);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vidconv, CUDA, m) {
   m.impl("fovea_context", &fovea_context_cuda);
   m.impl("crop_normalize", &crop_normalize_cuda);
+  m.impl("fovea_context.out", &fovea_context_out_cuda);
+  m.impl("crop_normalize.out", &crop_normalize_out_cuda);
 }
 
 }  // namespace vidconv

@@ -104,6 +104,7 @@ import numpy as np
 import torch
 
 from vidconv.clip import ClipSpec
+from vidconv.data.buffers import BufferPool
 from vidconv.data.decode import DecodeError, VideoInfo, decode_frames, probe
 from vidconv.data.shards import PREPARED_CODEC
 from vidconv.data.sources import open_source
@@ -238,6 +239,10 @@ class ClipLoader:
         num_workers: threads decoding batches ahead (0: decode in the iterating thread).
         cache_bytes: memory for whole decoded videos (default: ``VIDCONV_CACHE_BYTES`` or
             1 GiB); used only when all of this loader's videos fit.
+        reuse_buffers: on the CPU, write a batch's inputs into the memory of an earlier batch
+            that nothing refers to any more (no tensor, view or array of it is alive; see
+            :mod:`vidconv.data.buffers`) instead of fresh memory, whose pages the kernel would
+            fault in and zero first. A batch you keep stays as it is. False: fresh tensors.
 
     Raises:
         ValueError / TypeError: a bad argument (named); FileNotFoundError: a missing source.
@@ -252,7 +257,7 @@ class ClipLoader:
                  clips_per_video: int = 20, views: int = 1, device: str | torch.device = "cpu",
                  backend: str = "auto", seed: int = 0, shard_id: int | None = None,
                  num_shards: int | None = None, strict: bool = False, num_workers: int = 0,
-                 cache_bytes: int | None = None) -> None:
+                 cache_bytes: int | None = None, reuse_buffers: bool = True) -> None:
         if not isinstance(spec, ClipSpec):
             raise TypeError(f"spec must be a vidconv.clip.ClipSpec, got {type(spec).__name__}")
         if spec.size > spec.frame_size:
@@ -299,6 +304,10 @@ class ClipLoader:
         self.seed = seed
         self.strict = bool(strict)
         self.num_workers = num_workers
+        # Enough buffers for the batches in flight (one per worker, plus the one being made),
+        # the one the caller holds and the one it has just let go of; two per multires batch.
+        self._buffers = BufferPool((num_workers + 3) * (2 if spec.multires else 1)) \
+            if reuse_buffers and device.type == "cpu" else None
         self.shard_id, self.num_shards = _shards(shard_id, num_shards)
         node_part = getattr(self.source, "rank_split", None)
         if node_part is not None:
@@ -640,12 +649,19 @@ class ClipLoader:
         from vidconv.ops import crop_normalize, fovea_context
 
         inputs: Any
+        size = self.spec.size
+        shape = (clips_u8.shape[0], 3, clips_u8.shape[1], size, size)
+        pool = self._buffers
         if self.spec.multires:
-            fovea, context = fovea_context(clips_u8, self.spec.size, offsets=off, flip=flip)
+            out = None if pool is None else (pool.take(shape, torch.float32),
+                                             pool.take(shape, torch.float32))
+            fovea, context = fovea_context(clips_u8, size, offsets=off, flip=flip, out=out)
             inputs = {"both": (fovea, context), "fovea": fovea,
                       "context": context}[self.spec.stream]
         else:
-            inputs = crop_normalize(clips_u8, self.spec.size, offsets=off, flip=flip)
+            inputs = crop_normalize(clips_u8, size, offsets=off, flip=flip,
+                                    out=None if pool is None else pool.take(shape,
+                                                                            torch.float32))
         videos = self.source.videos
         labels = torch.tensor([videos[it.video].label for it in kept], dtype=torch.int64,
                               device=self.device)

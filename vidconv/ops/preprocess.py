@@ -143,6 +143,31 @@ def _prepare(
     return clips, unbatched, off, flips, mean_, std_
 
 
+def _check_out(name: str, out: object, clips: torch.Tensor, unbatched: bool, size: int,
+               dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
+    """``out`` validated against what the op would return; the 5-D tensor the kernel writes."""
+    n, t = clips.shape[0], clips.shape[1]
+    shape = (3, t, size, size) if unbatched else (n, 3, t, size, size)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {shape}, got {type(out).__name__}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the dtype argument), got {out.dtype}")
+    if out.device != clips.device:
+        raise ValueError(f"{name} must be on clips' device {clips.device}, got {out.device}")
+    out5 = out.unsqueeze(0) if unbatched else out
+    layout_ok = (out5.is_contiguous() if memory_format == torch.contiguous_format
+                 else out5.is_contiguous(memory_format=torch.channels_last_3d))
+    if not layout_ok:
+        raise ValueError(f"{name} must be dense in memory_format {memory_format} (the "
+                         f"memory_format argument), got strides {out.stride()}")
+    if out.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{name} requires grad: the preprocessing ops have no gradient "
+                           "(uint8 input), so they cannot write into a tensor autograd tracks")
+    return out5
+
+
 def fovea_context(
     clips: torch.Tensor,
     size: int = 89,
@@ -153,6 +178,7 @@ def fovea_context(
     std: float | Sequence[float] = DEFAULT_STD,
     dtype: torch.dtype = torch.float32,
     memory_format: torch.memory_format = torch.contiguous_format,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fovea and context streams of the paper's multiresolution models, in one pass.
 
@@ -180,12 +206,27 @@ def fovea_context(
             ``(x - mean) * (1 / std)`` (context: ``x = sum * (1 / count)``), each step rounded
             once, then rounded to ``dtype``; CPU and CUDA give the same bits.
         memory_format: ``torch.contiguous_format`` or ``torch.channels_last_3d``.
+        out: optional ``(fovea, context)`` tensors to write instead of new ones: the shape,
+            ``dtype`` and ``memory_format`` the result would have, on ``clips``' device, not
+            overlapping each other or ``clips``. Memory written before is written again
+            without a first touch of every page, which is what a fresh CPU batch pays for.
 
     Returns:
-        ``(fovea, context)``, each ``(N, 3, T, S, S)`` (``(3, T, S, S)`` for one clip).
+        ``(fovea, context)``, each ``(N, 3, T, S, S)`` (``(3, T, S, S)`` for one clip): the
+        ``out`` tensors when given.
     """
     clips, unbatched, off, flips, mean_, std_ = _prepare(
         clips, size, offsets, flip, mean, std, dtype, memory_format)
+    if out is not None:
+        if not isinstance(out, tuple | list) or len(out) != 2:
+            raise TypeError(f"out must be a (fovea, context) pair of tensors, got {out!r:.80}")
+        fovea5 = _check_out("out[0] (fovea)", out[0], clips, unbatched, size, dtype,
+                            memory_format)
+        context5 = _check_out("out[1] (context)", out[1], clips, unbatched, size, dtype,
+                              memory_format)
+        torch.ops.vidconv.fovea_context.out(clips, size, off, flips, mean_, std_,
+                                            fovea=fovea5, context=context5)
+        return out[0], out[1]
     fovea, context = torch.ops.vidconv.fovea_context(
         clips, size, off, flips, mean_, std_, dtype, memory_format == torch.channels_last_3d)
     if unbatched:
@@ -203,17 +244,23 @@ def crop_normalize(
     std: float | Sequence[float] = DEFAULT_STD,
     dtype: torch.dtype = torch.float32,
     memory_format: torch.memory_format = torch.contiguous_format,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """An S x S crop of every frame, normalised, as the full-resolution models take it.
 
     The paper trains on 200x200 frames with a random 170x170 crop and tests on the centre crop.
-    Arguments are as for :func:`fovea_context`; frames may be of any size at least S x S.
+    Arguments are as for :func:`fovea_context` (``out``: one tensor); frames may be of any
+    size at least S x S.
 
     Returns:
-        ``(N, 3, T, S, S)`` (``(3, T, S, S)`` for one clip).
+        ``(N, 3, T, S, S)`` (``(3, T, S, S)`` for one clip): ``out`` when given.
     """
     clips, unbatched, off, flips, mean_, std_ = _prepare(
         clips, size, offsets, flip, mean, std, dtype, memory_format)
+    if out is not None:
+        out5 = _check_out("out", out, clips, unbatched, size, dtype, memory_format)
+        torch.ops.vidconv.crop_normalize.out(clips, size, off, flips, mean_, std_, out=out5)
+        return out
     out = torch.ops.vidconv.crop_normalize(
         clips, size, off, flips, mean_, std_, dtype, memory_format == torch.channels_last_3d)
     return out[0] if unbatched else out
@@ -239,3 +286,13 @@ def _fovea_context_fake(clips, size, offsets, flip, mean, std, dtype, channels_l
 @torch.library.register_fake("vidconv::crop_normalize")
 def _crop_normalize_fake(clips, size, offsets, flip, mean, std, dtype, channels_last):
     return _fake_output(clips, size, dtype, channels_last)
+
+
+@torch.library.register_fake("vidconv::fovea_context.out")
+def _fovea_context_out_fake(clips, size, offsets, flip, mean, std, *, fovea, context):
+    return None
+
+
+@torch.library.register_fake("vidconv::crop_normalize.out")
+def _crop_normalize_out_fake(clips, size, offsets, flip, mean, std, *, out):
+    return None

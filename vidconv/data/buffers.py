@@ -1,0 +1,85 @@
+"""Batch buffers on the CPU that are written again once nobody holds them.
+
+A float32 batch of 32 full-resolution clips is 111 MB. Allocated afresh for every batch, its
+pages are faulted in and zeroed by the kernel before the preprocessing op writes them: on the
+project's 2-core machine that took as long as the op itself. :class:`BufferPool` hands a batch
+tensor out again once the only reference left to its memory is the pool's own, so a training
+loop that lets go of each batch (the usual ``for batch in loader``) writes into the same few
+buffers, already mapped.
+
+The test is the storage's reference count: every tensor sharing the memory (views, ``.numpy()``
+arrays, autograd's saved tensors, DLPack capsules) holds one, so a buffer some of which is
+still in use anywhere is never handed out. A buffer moved to shared memory
+(``share_memory_``, e.g. to be sent to another process) leaves the pool for good: the other
+process may still read it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+
+
+def _use_count(storage: torch.UntypedStorage) -> int | None:
+    """The storage's reference count, or None where this torch does not expose it."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    return int(count(storage._cdata))
+
+
+class BufferPool:
+    """Up to ``capacity`` CPU tensors, each handed out again when nothing else refers to it.
+
+    Thread-safe. Tensors beyond the capacity (all buffers in use, e.g. a caller keeping every
+    batch) are allocated as usual and not kept.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        self.capacity = capacity
+        # (key, buffer, its storage, the storage's reference count when nothing else holds it)
+        self._entries: list[tuple[tuple, torch.Tensor, torch.UntypedStorage, int]] = []
+        self._lock = threading.Lock()
+        self.reused = 0
+        self.allocated = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype,
+             memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+        """A CPU tensor of ``shape``, ``dtype`` and ``memory_format`` with unspecified values:
+        a free pooled one when there is one, else a new one (kept when there is room)."""
+        key = (tuple(int(s) for s in shape), dtype, memory_format)
+        with self._lock:
+            # A buffer moved to shared memory may be read by another process: never written
+            # again.
+            self._entries = [e for e in self._entries if not e[2].is_shared()]
+            for k, buf, storage, idle in self._entries:
+                if k == key and _use_count(storage) == idle:
+                    self.reused += 1
+                    # A new tensor object on the memory: its reference marks the buffer taken.
+                    return buf.detach()
+            self.allocated += 1
+            fresh = torch.empty(key[0], dtype=dtype, memory_format=memory_format)
+            if self.capacity == 0 or _use_count(fresh.untyped_storage()) is None:
+                return fresh
+            if len(self._entries) >= self.capacity:
+                # Make room by dropping a buffer of another shape that nobody holds (the last
+                # batch of an epoch, an evaluation's batch size); if all are held, keep none.
+                for i, (k, _, storage, idle) in enumerate(self._entries):
+                    if k != key and _use_count(storage) == idle:
+                        del self._entries[i]
+                        break
+                else:
+                    return fresh
+            storage = fresh.untyped_storage()
+            # The pool's buffer and storage objects are the references counted as idle.
+            idle = _use_count(storage)
+            assert idle is not None
+            self._entries.append((key, fresh, storage, idle))
+            return fresh.detach()
