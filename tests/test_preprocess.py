@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -458,3 +463,13 @@ def test_out_under_torch_compile_fullgraph(device: str) -> None:
     got = torch.compile(fn, fullgraph=True)(clips, offsets, buf)
     want = crop_normalize(clips, 13, offsets=offsets)
     assert torch.equal(buf, want) and torch.equal(got, want * 2)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build the emulator")
+def test_cuda_kernel_emulation() -> None:
+    """The CUDA kernel's own code, stepped on the host, writes the CPU kernel's bits."""
+    tool = Path(__file__).resolve().parent.parent / "tools/emulate_fovea_context.py"
+    res = subprocess.run([sys.executable, str(tool), "--quick"], capture_output=True, text=True,
+                         timeout=1800)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert " 0 failed" in res.stdout and "FAIL" not in res.stdout

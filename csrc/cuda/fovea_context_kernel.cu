@@ -7,8 +7,14 @@
 //      consecutive 16-byte chunks: coalesced and vectorised whatever the row alignment; for the
 //      paper's 178x178x3 frames a row is 534 bytes, 2-byte aligned, which rules out reading
 //      pixels straight as wide words);
-//   2. it writes the band's fovea rows and context rows from shared memory, consecutive threads
-//      on consecutive output elements (coalesced stores in either memory format).
+//   2. it writes the band's fovea rows and context rows from shared memory. A band's rows are
+//      one run of memory per channel (planar) or one run for all three (channels_last); each
+//      thread computes whole 16-byte chunks of a run (8 half / bfloat16 or 4 float values) and
+//      stores each with one 16-byte store, consecutive threads on consecutive chunks; only the
+//      elements before a run's first 16-byte boundary and after its last go one by one. Row,
+//      column and channel are found once per chunk and stepped from there. (The general area
+//      context path, whose values each loop over a bin, stores element by element: unrolled
+//      chunks of it spilled registers.)
 // The fovea is a sub-rectangle of the same rows, so each input byte leaves DRAM once.
 // With H = W = 2S (the paper's 178 -> 89) a context pixel is the mean of a 2x2 block and has a
 // path without bin tables. Frames too large for a band of rows in shared memory take a direct
@@ -18,8 +24,9 @@
 // float(sum) * (1/count), (x - mean) * (1/std), each op rounded once (no FMA contraction),
 // then one round-to-nearest-even conversion to the output type.
 //
-// The phases are __host__ __device__ functions of (block, thread) so the same code can be
-// stepped on the host when checking the index arithmetic without a GPU.
+// The phases are __host__ __device__ functions of (block, thread), and the stores go through a
+// policy, so tools/emulate_fovea_context.cu steps this code on the host (counting every write)
+// to check staging, indexing and alignment without a GPU.
 #include "cuda/fovea_context_kernel.h"
 
 #include <cuda_bf16.h>
@@ -28,6 +35,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace vidconv {
 namespace cuda {
@@ -247,65 +255,149 @@ __host__ __device__ void load_phase(const PreprocessArgs& a, const Plan& p, cons
   }
 }
 
-// Phase 2: write the band's fovea rows, then its context rows.
-template <typename out_t, bool kChannelsLast, Variant kVariant>
-__host__ __device__ void store_phase(const PreprocessArgs& a, const Plan& p, const Band& b,
-                                     const uint8_t* smem, int tid, int nthreads) {
-  constexpr bool kStaged = kVariant != Variant::kDirect;
-  const int S = a.size;
-  const int64_t plane = static_cast<int64_t>(a.t) * S * S;  // channel stride, contiguous
-  const float inv_s = 1.0f / static_cast<float>(S);
-  const float inv_3s = 1.0f / static_cast<float>(3 * S);
+// The bits of one output value, as the low bytes of a 32-bit word.
+__host__ __device__ inline uint32_t value_bits(float v) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(v);
+#else
+  uint32_t w;
+  memcpy(&w, &v, 4);
+  return w;
+#endif
+}
+__host__ __device__ inline uint32_t value_bits(__half v) {
+#ifdef __CUDA_ARCH__
+  return __half_as_ushort(v);
+#else
+  uint16_t h;
+  memcpy(&h, &v, 2);
+  return h;
+#endif
+}
+__host__ __device__ inline uint32_t value_bits(__nv_bfloat16 v) {
+#ifdef __CUDA_ARCH__
+  return __bfloat16_as_ushort(v);
+#else
+  uint16_t h;
+  memcpy(&h, &v, 2);
+  return h;
+#endif
+}
 
-  // One output element q of `rows` rows starting at row r0 -> (row, column, channel) and its
-  // offset from out_base; consecutive q are consecutive in memory in both formats.
-  auto locate = [&](int q, int rows, float inv_rows_s, int r0, int& r, int& j, int& c,
-                    int64_t& offset) {
+// Where element k of a run of output rows stands: row r, column j, channel c. A planar run is
+// one channel's rows (k = r * S + j), a channels_last run all three (k = (r * S + j) * 3 + c).
+// Set once per 16-byte chunk (one division by multiplication), then stepped element by element.
+template <bool kChannelsLast>
+struct Cursor {
+  int r, j, c;
+  __host__ __device__ Cursor(int k, int S, int channel, float inv_s, float inv_3s) {
     if (kChannelsLast) {
-      (void)rows;
-      (void)inv_rows_s;
-      const DivMod rj = divmod(q, 3 * S, inv_3s);
+      const DivMod rj = divmod(k, 3 * S, inv_3s);
       r = rj.quot;
       j = rj.rem / 3;
       c = rj.rem - 3 * j;
-      offset = static_cast<int64_t>(r0) * 3 * S + q;
     } else {
-      const DivMod cr = divmod(q, rows * S, inv_rows_s);
-      c = cr.quot;
-      const DivMod rj = divmod(cr.rem, S, inv_s);
+      const DivMod rj = divmod(k, S, inv_s);
       r = rj.quot;
       j = rj.rem;
-      offset = c * plane + static_cast<int64_t>(r0) * S + cr.rem;
+      c = channel;
     }
-  };
+  }
+  __host__ __device__ void next(int S) {
+    if (kChannelsLast && ++c < 3) {
+      return;
+    }
+    c = kChannelsLast ? 0 : c;
+    if (++j == S) {
+      j = 0;
+      ++r;
+    }
+  }
+};
 
-  out_t* fovea = static_cast<out_t*>(a.fovea) + b.out_base;
+// Plain global stores; the host emulation passes one that also counts every write.
+struct GlobalStore {
+  template <typename T>
+  __host__ __device__ void one(T* dst, T v) const {
+    *dst = v;
+  }
+  __host__ __device__ void vec(uint4* dst, uint4 v) const { *dst = v; }
+};
+
+// Writes `rows` output rows of S pixels starting at `dst` (the row r0 of one frame's output):
+// value(r, j, c) for row r0 + r, column j, channel c. With kVector each thread writes whole
+// 16-byte chunks (8 half / bfloat16 or 4 float values, consecutive threads on consecutive
+// chunks), and the elements before a run's first 16-byte boundary and after its last one by
+// one; without, every element one by one (for values that loop over many input pixels, whose
+// unrolled chunk would spill registers).
+template <typename out_t, bool kChannelsLast, bool kVector, typename Value, typename Store>
+__host__ __device__ void store_rows(out_t* dst, int rows, int S, int64_t plane,
+                                    const Value& value, const Store& store, int tid,
+                                    int nthreads) {
+  constexpr int kVec = kVector ? 16 / static_cast<int>(sizeof(out_t)) : 1;
+  const float inv_s = 1.0f / static_cast<float>(S);
+  const float inv_3s = 1.0f / static_cast<float>(3 * S);
+  const int len = kChannelsLast ? 3 * rows * S : rows * S;
+  for (int channel = 0; channel < (kChannelsLast ? 1 : 3); ++channel) {
+    out_t* run = dst + (kChannelsLast ? 0 : channel * plane);
+    const int misaligned =
+        static_cast<int>((reinterpret_cast<uintptr_t>(run) / sizeof(out_t)) % kVec);
+    const int head = min(misaligned == 0 ? 0 : kVec - misaligned, len);
+    const int chunks = kVector ? (len - head) / kVec : 0;
+    const int tail = head + chunks * kVec;
+    for (int q = tid; q < chunks; q += nthreads) {
+      const int k = head + q * kVec;
+      Cursor<kChannelsLast> at(k, S, channel, inv_s, inv_3s);
+      uint32_t words[4] = {0, 0, 0, 0};
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+      for (int e = 0; e < kVec; ++e) {
+        const uint32_t bits = value_bits(convert<out_t>(value(at.r, at.j, at.c)));
+        words[e * sizeof(out_t) / 4] |= bits << (8 * ((e * sizeof(out_t)) % 4));
+        at.next(S);
+      }
+      store.vec(reinterpret_cast<uint4*>(run + k), make_uint4(words[0], words[1], words[2],
+                                                              words[3]));
+    }
+    for (int q = tid; q < head + (len - tail); q += nthreads) {
+      const int k = q < head ? q : tail + (q - head);
+      const Cursor<kChannelsLast> at(k, S, channel, inv_s, inv_3s);
+      store.one(run + k, convert<out_t>(value(at.r, at.j, at.c)));
+    }
+  }
+}
+
+// Phase 2: write the band's fovea rows, then its context rows.
+template <typename out_t, bool kChannelsLast, Variant kVariant, typename Store = GlobalStore>
+__host__ __device__ void store_phase(const PreprocessArgs& a, const Plan& p, const Band& b,
+                                     const uint8_t* smem, int tid, int nthreads,
+                                     const Store& store = Store{}) {
+  constexpr bool kStaged = kVariant != Variant::kDirect;
+  const int S = a.size;
+  const int64_t plane = static_cast<int64_t>(a.t) * S * S;  // channel stride, contiguous
+  const int64_t row_stride = kChannelsLast ? 3LL * S : S;
+
   const int f_rows = b.f1 - b.f0;
   if (f_rows > 0) {
-    const float inv_rows_s = 1.0f / static_cast<float>(f_rows * S);
-    for (int q = tid; q < 3 * f_rows * S; q += nthreads) {
-      int r, j, c;
-      int64_t offset;
-      locate(q, f_rows, inv_rows_s, b.f0, r, j, c, offset);
+    auto fovea_value = [&](int r, int j, int c) {
       const int sj = b.flip ? S - 1 - j : j;
       const uint8_t* row = row_ptr<kStaged>(b, p, smem, a, b.oy + b.f0 + r);
       const uint8_t v = row[3 * (b.ox + sj) + c - b.bx0];
-      fovea[offset] = convert<out_t>(fmul(fsub(u2f(v), pick(a.mean, c)), pick(a.inv_std, c)));
-    }
+      return fmul(fsub(u2f(v), pick(a.mean, c)), pick(a.inv_std, c));
+    };
+    store_rows<out_t, kChannelsLast, true>(
+        static_cast<out_t*>(a.fovea) + b.out_base + b.f0 * row_stride, f_rows, S, plane,
+        fovea_value, store, tid, nthreads);
   }
   if (a.context == nullptr) {
     return;
   }
 
-  out_t* context = static_cast<out_t*>(a.context) + b.out_base;
   const int c_rows = b.i1 - b.i0;
-  const float inv_rows_s = 1.0f / static_cast<float>(c_rows * S);
   const int* xb = reinterpret_cast<const int*>(smem + p.table_offset);
   const int* yb = xb + 2 * S;
-  for (int q = tid; q < 3 * c_rows * S; q += nthreads) {
-    int r, j, c;
-    int64_t offset;
-    locate(q, c_rows, inv_rows_s, b.i0, r, j, c, offset);
+  auto context_value = [&](int r, int j, int c) {
     const int sj = b.flip ? S - 1 - j : j;
     float mean_value;
     if (kVariant == Variant::kHalve) {
@@ -327,8 +419,11 @@ __host__ __device__ void store_phase(const PreprocessArgs& a, const Plan& p, con
       const uint32_t count = static_cast<uint32_t>((y1 - y0) * (x1 - x0));
       mean_value = fmul(u2f(sum), recip(u2f(count)));
     }
-    context[offset] = convert<out_t>(fmul(fsub(mean_value, pick(a.mean, c)), pick(a.inv_std, c)));
-  }
+    return fmul(fsub(mean_value, pick(a.mean, c)), pick(a.inv_std, c));
+  };
+  store_rows<out_t, kChannelsLast, kVariant == Variant::kHalve>(
+      static_cast<out_t*>(a.context) + b.out_base + b.i0 * row_stride, c_rows, S, plane,
+      context_value, store, tid, nthreads);
 }
 
 template <typename out_t, bool kChannelsLast, Variant kVariant>
