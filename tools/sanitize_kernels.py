@@ -61,6 +61,12 @@ def check_crop_normalize(device: str) -> None:
         out = crop_normalize(clips, size=19, offsets=offsets, flip=True, dtype=dtype)
         ref = reference.crop_normalize(clips.cpu(), size=19, offsets=offsets, flip=True)
         assert _rel_err(out, ref) < TOL[dtype], "crop_normalize differs from the reference"
+        # Into a given tensor one element past 16-byte alignment: the chunk stores' head and
+        # tail, every byte of the write checked by the sanitizer.
+        base = torch.full((out.numel() + 1,), float("nan"), dtype=dtype, device=device)
+        shifted = base[1:].view(out.shape)
+        crop_normalize(clips, size=19, offsets=offsets, flip=True, dtype=dtype, out=shifted)
+        assert torch.equal(shifted, out), "crop_normalize(out=) differs from its own result"
 
 
 def _conv_inputs(n, c, k, ksize, thw, device, dtype, seed):
