@@ -213,6 +213,41 @@ def test_prefer_fused_measures_once_and_honours_the_knob(monkeypatch):
     lrn_pool_mod.clear_lrn_pool_plan()
 
 
+def test_threads_meeting_a_new_shape_at_once_measure_once(monkeypatch):
+    import threading
+
+    lrn_pool_mod.clear_lrn_pool_plan()
+    x = _activations((1, 8, 1, 9, 9), torch.float32)
+    calls = []
+    real = lrn_pool_mod.conv_planner.time_candidate
+
+    def timed(name, run, device, repeats):
+        calls.append(name)
+        real(name, run, device, repeats)
+        return [1.0 if name == "fused" else 2.0]
+
+    monkeypatch.setattr(lrn_pool_mod.conv_planner, "time_candidate", timed)
+    answers, errors = [], []
+
+    def work():
+        try:
+            answers.append(lrn_pool_mod.prefer_fused(x, 5, 1e-4, 0.5, 2.0, (2, 2), True,
+                                                     _unfused))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and answers == [True] * 4 and len(lrn_pool_mod.lrn_pool_plan()) == 1
+    assert calls.count("fused") == calls.count("aten") <= 3  # one race, not four
+    (entry,) = lrn_pool_mod.lrn_pool_plan()
+    assert entry["tune_s"] > 0
+    lrn_pool_mod.clear_lrn_pool_plan()
+
+
 def test_prefer_fused_keeps_a_composition_that_disagrees():
     lrn_pool_mod.clear_lrn_pool_plan()
     x = _activations((1, 8, 1, 9, 9), torch.float32)

@@ -635,6 +635,48 @@ def measure_choice(runs: dict[str, Callable[[], Any]], reference: str, device: t
     return race(runs, times, reference, device, _CHOICE_REPEATS.get(device.type, 3) - 1)
 
 
+class ChoiceTable:
+    """Per-process decisions of a measured choice made outside this planner (the LRN + pool
+    stage, the FC layers' orientation), keyed by layer: each key is measured once, and one
+    thread measures at a time, since threads timing at once would time each other's work."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._measure_lock = threading.Lock()
+        self._decisions: dict[Any, Any] = {}
+
+    def get(self, key: Any) -> Any | None:
+        """The decision made for ``key``, or None."""
+        with self._lock:
+            return self._decisions.get(key)
+
+    def decide(self, key: Any, measure: Callable[[], Any]) -> Any:
+        """The decision for ``key``: the one made, else ``measure()``'s (kept, with the seconds
+        it took in its ``tune_s``). A thread meeting a key another is measuring waits for that
+        decision instead of measuring too."""
+        decision = self.get(key)
+        if decision is not None:
+            return decision
+        with self._measure_lock:
+            decision = self.get(key)
+            if decision is None:
+                start = time.perf_counter()
+                decision = measure()
+                decision.tune_s = time.perf_counter() - start
+                with self._lock:
+                    self._decisions[key] = decision
+        return decision
+
+    def items(self) -> list[tuple[Any, Any]]:
+        """(key, decision) pairs in the order decided."""
+        with self._lock:
+            return list(self._decisions.items())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._decisions.clear()
+
+
 # ---- deciding ---------------------------------------------------------------------------------
 
 

@@ -27,8 +27,6 @@ or ``VIDCONV_TUNE=0``.
 from __future__ import annotations
 
 import math
-import threading
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -66,9 +64,7 @@ class LinearDecision:
     tune_s: float = 0.0
 
 
-_lock = threading.Lock()
-_tune_lock = threading.Lock()
-_decisions: dict[LinearKey, LinearDecision] = {}
+_decisions = conv_planner.ChoiceTable()
 
 
 class _WeightMajorLinear(torch.autograd.Function):
@@ -115,15 +111,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_plan() -> list[dict[str, Any]]:
     """Every choice :func:`linear` made in this process, in the order made: key, chosen, how,
     times (ms), the candidate's relative difference from F.linear, seconds spent deciding."""
-    with _lock:
-        return [{"key": key, "chosen": d.chosen, "how": d.how, "times_ms": dict(d.times_ms),
-                 "rel_err": d.rel_err, "tune_s": d.tune_s} for key, d in _decisions.items()]
+    return [{"key": key, "chosen": d.chosen, "how": d.how, "times_ms": dict(d.times_ms),
+             "rel_err": d.rel_err, "tune_s": d.tune_s} for key, d in _decisions.items()]
 
 
 def clear_linear_plan() -> None:
     """Forget the choices (the next call of each key measures again)."""
-    with _lock:
-        _decisions.clear()
+    _decisions.clear()
 
 
 def _choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
@@ -147,20 +141,7 @@ def _choice(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     if conv_planner._mode() == "aten" or not conv_planner._tuning_enabled():
         return "aten"
     key = _key(x, weight, bias)
-    with _lock:
-        decision = _decisions.get(key)
-    if decision is None:
-        # One measurement at a time: threads tuning at once would time each other's GEMMs.
-        with _tune_lock:
-            with _lock:
-                decision = _decisions.get(key)
-            if decision is None:
-                start = time.perf_counter()
-                decision = _measure(x, weight, bias, key.grad)
-                decision.tune_s = time.perf_counter() - start
-                with _lock:
-                    _decisions[key] = decision
-    return decision.chosen
+    return _decisions.decide(key, lambda: _measure(x, weight, bias, key.grad)).chosen
 
 
 def _key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> LinearKey:
@@ -171,8 +152,7 @@ def _key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> Li
 
 
 def _known(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    with _lock:
-        decision = _decisions.get(_key(x, weight, bias))
+    decision = _decisions.get(_key(x, weight, bias))
     return None if decision is None else decision.chosen
 
 

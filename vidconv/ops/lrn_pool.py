@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -205,8 +203,7 @@ class LrnPoolDecision:
     tune_s: float = 0.0
 
 
-_lock = threading.Lock()
-_decisions: dict[LrnPoolKey, LrnPoolDecision] = {}
+_decisions = conv_planner.ChoiceTable()
 
 
 def _mode() -> str:
@@ -218,15 +215,13 @@ def _mode() -> str:
 
 def lrn_pool_plan() -> list[dict]:
     """Every choice :func:`prefer_fused` made in this process: key, fused or not, how, times."""
-    with _lock:
-        return [{"key": key, "fused": d.fused, "how": d.how, "times_ms": dict(d.times_ms),
-                 "rel_err": d.rel_err, "tune_s": d.tune_s} for key, d in _decisions.items()]
+    return [{"key": key, "fused": d.fused, "how": d.how, "times_ms": dict(d.times_ms),
+             "rel_err": d.rel_err, "tune_s": d.tune_s} for key, d in _decisions.items()]
 
 
 def clear_lrn_pool_plan() -> None:
     """Forget the choices (the next call of each shape measures again)."""
-    with _lock:
-        _decisions.clear()
+    _decisions.clear()
 
 
 def _tolerance(dtype: torch.dtype) -> float:
@@ -268,18 +263,13 @@ def prefer_fused(x: torch.Tensor, size: int, alpha: float, beta: float, k: float
     key = LrnPoolKey(conv_planner._device_name(x.device), str(x.dtype).removeprefix("torch."),
                      _format_name(x), tuple(x.shape),
                      (size, alpha, beta, k, *pool, ceil_mode), grad)
-    with _lock:
-        decision = _decisions.get(key)
+    decision = _decisions.get(key)
     if decision is not None:
         return decision.fused
     if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return False
-    start = time.perf_counter()
-    decision = _measure(x, size, alpha, beta, k, list(pool), ceil_mode, unfused, grad)
-    decision.tune_s = time.perf_counter() - start
-    with _lock:
-        _decisions[key] = decision
-    return decision.fused
+    return _decisions.decide(key, lambda: _measure(x, size, alpha, beta, k, list(pool),
+                                                  ceil_mode, unfused, grad)).fused
 
 
 def _format_name(x: torch.Tensor) -> str:
