@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,8 @@ def test_a_released_buffer_is_handed_out_again() -> None:
     assert (pool.reused, pool.allocated, len(pool)) == (1, 2, 2)
 
 
-@pytest.mark.parametrize("hold", ["view", "numpy", "alias", "saved_for_backward", "dlpack"])
+@pytest.mark.parametrize("hold", ["view", "numpy", "alias", "saved_for_backward", "dlpack",
+                                  "storage", "typed_storage"])
 def test_a_buffer_anyone_still_refers_to_is_not_handed_out(hold: str) -> None:
     pool = BufferPool(4)
     a = pool.take(SHAPE, torch.float32)
@@ -47,8 +49,14 @@ def test_a_buffer_anyone_still_refers_to_is_not_handed_out(hold: str) -> None:
         keep = a.view(-1)
     elif hold == "saved_for_backward":
         keep = (a * weight).sum()  # mul saves a for weight's gradient
-    else:
+    elif hold == "dlpack":
         keep = torch.utils.dlpack.to_dlpack(a)
+    elif hold == "storage":
+        keep = a.untyped_storage()  # the object the pool itself holds: its count tells
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TypedStorage is deprecated, not gone
+            keep = a.storage()
     del a
     b = pool.take(SHAPE, torch.float32)
     assert b.data_ptr() != where
@@ -79,6 +87,31 @@ def test_memory_sent_to_another_process_leaves_the_pool() -> None:
     del a
     assert pool.take(SHAPE, torch.float32).data_ptr() != where
     assert len(pool) == 1
+
+
+def test_a_resized_storage_leaves_the_pool() -> None:
+    pool = BufferPool(4)
+    a = pool.take((1000,), torch.float32)
+    a.untyped_storage().resize_(16)  # the user freed the memory
+    del a
+    b = pool.take((1000,), torch.float32)
+    assert b.untyped_storage().nbytes() == 4000 and len(pool) == 1
+
+
+def test_buffers_are_plain_cpu_tensors_whatever_the_callers_mode() -> None:
+    pool = BufferPool(4)
+    with torch.inference_mode():
+        a = pool.take(SHAPE, torch.float32)
+    assert not a.is_inference()
+    del a
+    b = pool.take(SHAPE, torch.float32)  # reused outside inference mode: usable by autograd
+    (b * torch.ones(SHAPE, requires_grad=True)).sum().backward()
+    previous = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        assert pool.take((7,), torch.float32).device.type == "cpu"
+    finally:
+        torch.set_default_device(previous)
 
 
 def test_capacity_bounds_what_is_kept() -> None:

@@ -392,6 +392,41 @@ def test_out_writes_what_a_fresh_call_returns(device: str, shape: tuple[int, ...
     assert torch.equal(got_f, want_f) and torch.equal(got_c, want_c)
 
 
+def test_out_bumps_the_version_counter() -> None:
+    # A backward that saved the tensor before it was written again must refuse, not use the
+    # new values.
+    out = torch.empty(2, 3, 2, 10, 10)
+    crop_normalize(CLIPS, 10, out=out)
+    assert out._version == 1
+    loss = (out * torch.ones_like(out, requires_grad=True)).sum()
+    crop_normalize(CLIPS, 10, out=out)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    pair = (torch.empty(2, 3, 2, 10, 10), torch.empty(2, 3, 2, 10, 10))
+    fovea_context(CLIPS, 10, out=pair)
+    assert pair[0]._version == 1 and pair[1]._version == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cuda_out_off_alignment(dtype: torch.dtype) -> None:
+    """Outputs one element past 16-byte alignment: the chunk stores' head and tail."""
+    clips = make_clips(2, 3, 37, 41, seed=6, device="cuda")
+    for fmt in (torch.contiguous_format, torch.channels_last_3d):
+        kw = dict(offsets=random_offsets(2, 37, 41, 17).cuda(), dtype=dtype, memory_format=fmt,
+                  flip=torch.tensor([True, False], device="cuda"))
+        want = crop_normalize(clips, 17, **kw)
+        base = torch.full((want.numel() + 1,), float("nan"), dtype=dtype, device="cuda")
+        shape = want.shape if fmt == torch.contiguous_format else (2, 3, 17, 17, 3)
+        out = base[1:].view(shape)
+        if fmt == torch.channels_last_3d:
+            out = out.permute(0, 4, 1, 2, 3)  # (N, C, T, H, W) view of (N, T, H, W, C) memory
+        crop_normalize(clips, 17, out=out, **kw)
+        assert torch.equal(out, want)
+        assert torch.equal(out.cpu(), crop_normalize(clips.cpu(), 17, **{
+            **kw, "offsets": kw["offsets"].cpu(), "flip": kw["flip"].cpu()}))
+
+
 def test_out_unbatched_clip(device: str) -> None:
     clips = make_clips(1, 2, 30, 30, seed=8, device=device)[0]
     out = torch.empty(3, 2, 16, 16, device=device)
@@ -433,6 +468,9 @@ def test_fovea_context_out_bad() -> None:
     with pytest.raises(RuntimeError, match=r"out must have shape \[2, 3, 2, 10, 10\]"):
         torch.ops.vidconv.crop_normalize.out(CLIPS, 10, off, flip, m, s,
                                              out=torch.empty(2, 3, 2, 10, 9))
+    with pytest.raises(RuntimeError, match="out must be float32, float16 or bfloat16, got Int"):
+        torch.ops.vidconv.crop_normalize.out(CLIPS, 10, off, flip, m, s,
+                                             out=torch.empty(2, 3, 2, 10, 10, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="same dtype and layout"):
         torch.ops.vidconv.fovea_context.out(CLIPS, 10, off, flip, m, s, fovea=good,
                                             context=good.half())

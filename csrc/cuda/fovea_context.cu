@@ -130,6 +130,13 @@ at::Tensor crop_normalize_cuda(const at::Tensor& clips, int64_t size, const at::
 }
 
 // The out= overloads write the caller's tensors; layout and dtype come from `out`.
+// Checked before the inputs, whose dtype check would otherwise name `dtype`, not `out`.
+void check_out_dtype(const char* op, const char* name, const at::Tensor& out) {
+  const auto dtype = out.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name,
+              " must be float32, float16 or bfloat16, got ", dtype);
+}
+
 void check_out(const char* op, const char* name, const at::Tensor& clips, int64_t size,
                const at::Tensor& out) {
   TORCH_CHECK(out.device() == clips.device(), op, ": ", name, " must be on clips' device ",
@@ -149,6 +156,7 @@ void fovea_context_out_cuda(
     const at::Tensor& clips, int64_t size, const at::Tensor& offsets, const at::Tensor& flip,
     at::ArrayRef<double> mean, at::ArrayRef<double> std_, at::Tensor& fovea,
     at::Tensor& context) {
+  check_out_dtype("fovea_context", "fovea", fovea);
   check_inputs("fovea_context", true, clips, size, offsets, flip, mean, std_,
                fovea.scalar_type());
   check_out("fovea_context", "fovea", clips, size, fovea);
@@ -156,7 +164,9 @@ void fovea_context_out_cuda(
   TORCH_CHECK(context.scalar_type() == fovea.scalar_type() &&
                   out_is_channels_last(context) == out_is_channels_last(fovea),
               "fovea_context: fovea and context must have the same dtype and layout, got ",
-              fovea.scalar_type(), " and ", context.scalar_type());
+              fovea.scalar_type(), (out_is_channels_last(fovea) ? " channels_last_3d" : ""),
+              " and ", context.scalar_type(),
+              (out_is_channels_last(context) ? " channels_last_3d" : ""));
   at::assert_no_overlap(fovea, context);
   const c10::cuda::CUDAGuard guard(clips.device());
   run(clips, size, offsets, flip, mean, std_, out_is_channels_last(fovea), fovea, &context);
@@ -166,6 +176,7 @@ void crop_normalize_out_cuda(const at::Tensor& clips, int64_t size,
                              const at::Tensor& offsets, const at::Tensor& flip,
                              at::ArrayRef<double> mean, at::ArrayRef<double> std_,
                              at::Tensor& out) {
+  check_out_dtype("crop_normalize", "out", out);
   check_inputs("crop_normalize", false, clips, size, offsets, flip, mean, std_,
                out.scalar_type());
   check_out("crop_normalize", "out", clips, size, out);

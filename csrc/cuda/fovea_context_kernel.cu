@@ -286,20 +286,20 @@ __host__ __device__ inline uint32_t value_bits(__nv_bfloat16 v) {
 
 // Where element k of a run of output rows stands: row r, column j, channel c. A planar run is
 // one channel's rows (k = r * S + j), a channels_last run all three (k = (r * S + j) * 3 + c).
-// Set once per 16-byte chunk (one division by multiplication), then stepped element by element.
+// Found once per 16-byte chunk (integer division: exact for any run length), then stepped
+// element by element.
 template <bool kChannelsLast>
 struct Cursor {
   int r, j, c;
-  __host__ __device__ Cursor(int k, int S, int channel, float inv_s, float inv_3s) {
+  __host__ __device__ Cursor(int k, int S, int channel) {
     if (kChannelsLast) {
-      const DivMod rj = divmod(k, 3 * S, inv_3s);
-      r = rj.quot;
-      j = rj.rem / 3;
-      c = rj.rem - 3 * j;
+      r = k / (3 * S);
+      const int rem = k - r * 3 * S;
+      j = rem / 3;
+      c = rem - 3 * j;
     } else {
-      const DivMod rj = divmod(k, S, inv_s);
-      r = rj.quot;
-      j = rj.rem;
+      r = k / S;
+      j = k - r * S;
       c = channel;
     }
   }
@@ -335,8 +335,6 @@ __host__ __device__ void store_rows(out_t* dst, int rows, int S, int64_t plane,
                                     const Value& value, const Store& store, int tid,
                                     int nthreads) {
   constexpr int kVec = kVector ? 16 / static_cast<int>(sizeof(out_t)) : 1;
-  const float inv_s = 1.0f / static_cast<float>(S);
-  const float inv_3s = 1.0f / static_cast<float>(3 * S);
   const int len = kChannelsLast ? 3 * rows * S : rows * S;
   for (int channel = 0; channel < (kChannelsLast ? 1 : 3); ++channel) {
     out_t* run = dst + (kChannelsLast ? 0 : channel * plane);
@@ -347,7 +345,7 @@ __host__ __device__ void store_rows(out_t* dst, int rows, int S, int64_t plane,
     const int tail = head + chunks * kVec;
     for (int q = tid; q < chunks; q += nthreads) {
       const int k = head + q * kVec;
-      Cursor<kChannelsLast> at(k, S, channel, inv_s, inv_3s);
+      Cursor<kChannelsLast> at(k, S, channel);
       uint32_t words[4] = {0, 0, 0, 0};
 #ifdef __CUDA_ARCH__
 #pragma unroll
@@ -362,7 +360,7 @@ __host__ __device__ void store_rows(out_t* dst, int rows, int S, int64_t plane,
     }
     for (int q = tid; q < head + (len - tail); q += nthreads) {
       const int k = q < head ? q : tail + (q - head);
-      const Cursor<kChannelsLast> at(k, S, channel, inv_s, inv_3s);
+      const Cursor<kChannelsLast> at(k, S, channel);
       store.one(run + k, convert<out_t>(value(at.r, at.j, at.c)));
     }
   }

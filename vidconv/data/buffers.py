@@ -7,15 +7,17 @@ tensor out again once the only reference left to its memory is the pool's own, s
 loop that lets go of each batch (the usual ``for batch in loader``) writes into the same few
 buffers, already mapped.
 
-The test is the storage's reference count: every tensor sharing the memory (views, ``.numpy()``
-arrays, autograd's saved tensors, DLPack capsules) holds one, so a buffer some of which is
-still in use anywhere is never handed out. A buffer moved to shared memory
-(``share_memory_``, e.g. to be sent to another process) leaves the pool for good: the other
-process may still read it.
+The test is the storage's reference counts: every tensor sharing the memory (views, ``.numpy()``
+arrays, autograd's saved tensors, DLPack capsules) holds a reference to it, and a held
+``untyped_storage()`` / ``storage()`` object one to the storage's Python object, so a buffer
+some of which is still in use anywhere is never handed out. A buffer moved to shared memory
+(``share_memory_``, e.g. to be sent to another process) or resized leaves the pool for good:
+another process may still read it, or it no longer holds a batch.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -41,8 +43,9 @@ class BufferPool:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
         self.capacity = capacity
-        # (key, buffer, its storage, the storage's reference count when nothing else holds it)
-        self._entries: list[tuple[tuple, torch.Tensor, torch.UntypedStorage, int]] = []
+        # (key, buffer, its size in bytes, the storage's reference counts (C++, Python object)
+        # when nothing but the pool holds it)
+        self._entries: list[tuple[tuple, torch.Tensor, int, tuple[int, int]]] = []
         self._lock = threading.Lock()
         self.reused = 0
         self.allocated = 0
@@ -53,33 +56,43 @@ class BufferPool:
     def take(self, shape: Sequence[int], dtype: torch.dtype,
              memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
         """A CPU tensor of ``shape``, ``dtype`` and ``memory_format`` with unspecified values:
-        a free pooled one when there is one, else a new one (kept when there is room)."""
+        a free pooled one when there is one, else a new one (kept when there is room). Made
+        outside inference mode and on the CPU whatever the caller's defaults."""
         key = (tuple(int(s) for s in shape), dtype, memory_format)
         with self._lock:
-            # A buffer moved to shared memory may be read by another process: never written
-            # again.
-            self._entries = [e for e in self._entries if not e[2].is_shared()]
-            for k, buf, storage, idle in self._entries:
-                if k == key and _use_count(storage) == idle:
+            # Moved to shared memory (another process may read it) or resized (the user freed
+            # it): never written again.
+            self._entries = [e for e in self._entries if not e[1].untyped_storage().is_shared()
+                             and e[1].untyped_storage().nbytes() == e[2]]
+            for k, buf, _, idle in self._entries:
+                if k == key and _counts(buf) == idle:
                     self.reused += 1
                     # A new tensor object on the memory: its reference marks the buffer taken.
                     return buf.detach()
             self.allocated += 1
-            fresh = torch.empty(key[0], dtype=dtype, memory_format=memory_format)
-            if self.capacity == 0 or _use_count(fresh.untyped_storage()) is None:
+            with torch.inference_mode(False):
+                fresh = torch.empty(key[0], dtype=dtype, device="cpu",
+                                    memory_format=memory_format)
+            idle = _counts(fresh)
+            if self.capacity == 0 or idle is None:
                 return fresh
             if len(self._entries) >= self.capacity:
                 # Make room by dropping a buffer of another shape that nobody holds (the last
                 # batch of an epoch, an evaluation's batch size); if all are held, keep none.
-                for i, (k, _, storage, idle) in enumerate(self._entries):
-                    if k != key and _use_count(storage) == idle:
+                for i, (k, buf, _, idle_k) in enumerate(self._entries):
+                    if k != key and _counts(buf) == idle_k:
                         del self._entries[i]
                         break
                 else:
                     return fresh
-            storage = fresh.untyped_storage()
-            # The pool's buffer and storage objects are the references counted as idle.
-            idle = _use_count(storage)
-            assert idle is not None
-            self._entries.append((key, fresh, storage, idle))
+            self._entries.append((key, fresh, fresh.untyped_storage().nbytes(), idle))
             return fresh.detach()
+
+
+def _counts(buf: torch.Tensor) -> tuple[int, int] | None:
+    """The reference counts of ``buf``'s storage: C++ (tensors, views, arrays on it) and of its
+    Python storage object (a held ``untyped_storage()``), measured the same way each time; None
+    where this torch does not expose the first."""
+    storage = buf.untyped_storage()
+    count = _use_count(storage)
+    return None if count is None else (count, sys.getrefcount(storage))

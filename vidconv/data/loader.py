@@ -242,7 +242,9 @@ class ClipLoader:
         reuse_buffers: on the CPU, write a batch's inputs into the memory of an earlier batch
             that nothing refers to any more (no tensor, view or array of it is alive; see
             :mod:`vidconv.data.buffers`) instead of fresh memory, whose pages the kernel would
-            fault in and zero first. A batch you keep stays as it is. False: fresh tensors.
+            fault in and zero first. A batch you keep stays as it is. The loader holds up
+            to ``num_workers + 3`` batches' inputs (twice that for multires) for its lifetime.
+            False: fresh tensors.
 
     Raises:
         ValueError / TypeError: a bad argument (named); FileNotFoundError: a missing source.

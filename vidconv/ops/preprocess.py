@@ -168,6 +168,15 @@ def _check_out(name: str, out: object, clips: torch.Tensor, unbatched: bool, siz
     return out5
 
 
+def _written(*tensors: torch.Tensor) -> None:
+    """Bump the version counters of tensors an op wrote in place, as PyTorch's in-place ops do:
+    a backward that saved an earlier value of one then raises instead of using the new one.
+    (Under torch.compile the graph's functionalisation tracks the write instead.)"""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
 def fovea_context(
     clips: torch.Tensor,
     size: int = 89,
@@ -226,6 +235,7 @@ def fovea_context(
                               memory_format)
         torch.ops.vidconv.fovea_context.out(clips, size, off, flips, mean_, std_,
                                             fovea=fovea5, context=context5)
+        _written(out[0], out[1])
         return out[0], out[1]
     fovea, context = torch.ops.vidconv.fovea_context(
         clips, size, off, flips, mean_, std_, dtype, memory_format == torch.channels_last_3d)
@@ -260,6 +270,7 @@ def crop_normalize(
     if out is not None:
         out5 = _check_out("out", out, clips, unbatched, size, dtype, memory_format)
         torch.ops.vidconv.crop_normalize.out(clips, size, off, flips, mean_, std_, out=out5)
+        _written(out)
         return out
     out = torch.ops.vidconv.crop_normalize(
         clips, size, off, flips, mean_, std_, dtype, memory_format == torch.channels_last_3d)
