@@ -33,6 +33,14 @@ SHAPES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def kernel_forced(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels themselves under test (on CUDA the ops would otherwise fall back to plain
+    PyTorch where the kernel disagrees, and pass), except in the tests of that choice."""
+    if "measured_here" not in request.fixturenames and "checked_and_timed" not in request.node.name:
+        monkeypatch.setenv("VIDCONV_PREPROCESS", "fused")
+
+
 def make_clips(n: int, t: int, h: int, w: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, t, h, w, 3), dtype=torch.uint8, generator=g).to(device)
@@ -511,3 +519,118 @@ def test_cuda_kernel_emulation() -> None:
                          timeout=1800)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert " 0 failed" in res.stdout and "FAIL" not in res.stdout
+
+
+# ---- the CUDA kernel as a measured choice (the logic run on the CPU) ---------------------------
+
+@pytest.fixture
+def measured_here(monkeypatch: pytest.MonkeyPatch):
+    """The kernel-or-PyTorch choice made on the CPU too, as it is on CUDA, from a clean plan."""
+    from vidconv.ops import preprocess
+
+    monkeypatch.setattr(preprocess, "_MEASURED_DEVICES", {"cuda", "cpu"})
+    monkeypatch.delenv("VIDCONV_PREPROCESS", raising=False)
+    preprocess.clear_preprocess_plan()
+    yield preprocess
+    preprocess.clear_preprocess_plan()
+
+
+def _timings(monkeypatch: pytest.MonkeyPatch, preprocess, fused_ms: float, aten_ms: float,
+             calls: list[str]) -> None:
+    def timed(name, run, device, repeats):
+        calls.append(name)
+        run()
+        return [fused_ms if name == "fused" else aten_ms] * repeats
+
+    monkeypatch.setattr(preprocess.conv_planner, "time_candidate", timed)
+
+
+@pytest.mark.parametrize("op", [fovea_context, crop_normalize], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fused_ms,aten_ms,want", [(1.0, 5.0, True), (5.0, 1.0, False),
+                                                   (0.95, 1.0, False)])
+def test_kernel_used_only_where_measured_faster(measured_here, monkeypatch, op, fused_ms,
+                                                aten_ms, want) -> None:
+    calls: list[str] = []
+    _timings(monkeypatch, measured_here, fused_ms, aten_ms, calls)
+    clips = make_clips(2, 2, 30, 34, seed=9)
+    first = op(clips, 15, flip=True)
+    assert sorted(set(calls)) == ["aten", "fused"]
+    n = len(calls)
+    again = op(clips, 15, flip=True)  # decided once per shape
+    assert len(calls) == n
+    (entry,) = measured_here.preprocess_plan()
+    assert entry["fused"] is want and entry["how"] == "tuned"  # 5% faster is within the margin
+    for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (first, again)), strict=True):
+        assert torch.equal(a, b)
+    ref = reference.crop_normalize(clips, 15, flip=True)
+    assert_matches(first[0] if isinstance(first, tuple) else first, ref, std=(64.0,) * 3)
+
+
+@pytest.mark.parametrize("op", [fovea_context, crop_normalize], ids=lambda f: f.__name__)
+def test_a_kernel_that_disagrees_or_raises_is_not_used(measured_here, monkeypatch, op) -> None:
+    clips = make_clips(2, 2, 26, 26, seed=3)
+    real = measured_here._kernel
+
+    def wrong(*args):
+        return tuple(t + 1 for t in real(*args))
+
+    monkeypatch.setattr(measured_here, "_kernel", wrong)
+    with pytest.warns(RuntimeWarning, match="kernel differs from plain PyTorch"):
+        got = op(clips, 13, offsets=(2, 5))
+    (entry,) = measured_here.preprocess_plan()
+    assert not entry["fused"] and entry["how"] == "disagrees" and entry["rel_err"] > 0.1
+    want = reference.crop_normalize(clips, 13, offsets=(2, 5))
+    assert_matches(got[0] if isinstance(got, tuple) else got, want, std=(64.0,) * 3)
+    # out= takes the plain path too.
+    shape = (2, 3, 2, 13, 13)
+    out = (torch.empty(shape), torch.empty(shape)) if op is fovea_context else torch.empty(shape)
+    op(clips, 13, offsets=(2, 5), out=out)
+    assert_matches(out[0] if isinstance(out, tuple) else out, want, std=(64.0,) * 3)
+
+    measured_here.clear_preprocess_plan()
+
+    def raising(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(measured_here, "_kernel", raising)
+    with pytest.warns(RuntimeWarning, match="kernel cannot run .* no kernel image"):
+        got = op(clips, 13)
+    assert measured_here.preprocess_plan()[0]["how"] == "raised"
+
+
+def test_preprocess_knobs(measured_here, monkeypatch) -> None:
+    calls: list[str] = []
+    _timings(monkeypatch, measured_here, 1.0, 5.0, calls)
+    clips = make_clips(1, 2, 20, 20, seed=1)
+    for env, value in [("VIDCONV_PREPROCESS", "aten"), ("VIDCONV_PREPROCESS", "fused"),
+                       ("VIDCONV_TUNE", "0"), ("VIDCONV_CONV_ALGO", "aten")]:
+        monkeypatch.setenv(env, value)
+        crop_normalize(clips, 10)
+        monkeypatch.delenv(env)
+    assert calls == [] and measured_here.preprocess_plan() == []  # nothing measured
+    monkeypatch.setenv("VIDCONV_PREPROCESS", "bogus")
+    with pytest.raises(ValueError, match="VIDCONV_PREPROCESS must be one of auto, fused, aten"):
+        crop_normalize(clips, 10)
+
+
+def test_the_cpu_kernel_is_not_measured() -> None:
+    from vidconv.ops import preprocess
+
+    preprocess.clear_preprocess_plan()
+    crop_normalize(make_clips(1, 1, 12, 12), 8)
+    assert preprocess.preprocess_plan() == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_cuda_kernel_is_checked_and_timed_before_use(dtype: torch.dtype) -> None:
+    from vidconv.ops import preprocess
+
+    preprocess.clear_preprocess_plan()
+    clips = make_clips(4, 10, 178, 178, seed=2, device="cuda")
+    fovea, context = fovea_context(clips, 89, dtype=dtype)
+    (entry,) = preprocess.preprocess_plan()
+    assert entry["how"] == "tuned", entry  # the kernel agreed with plain PyTorch
+    ref_f, ref_c = reference.fovea_context(clips.cpu(), 89)
+    assert_matches(fovea, ref_f, std=(64.0,) * 3)
+    assert_matches(context, ref_c, std=(64.0,) * 3)

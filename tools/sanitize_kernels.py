@@ -17,6 +17,7 @@ Usage: python tools/sanitize_kernels.py [--device cuda|cpu] [--only NAME[,NAME..
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,10 @@ from vidconv import reference
 from vidconv.ops import crop_normalize, fovea_context, lrn_max_pool, st_conv3d, use_conv_algo
 from vidconv.ops.conv_algos import fused_tile_configs
 from vidconv.ops.conv_planner import algorithm_names
+
+# The preprocessing kernel itself, not the plain-PyTorch path its measured choice could fall
+# back to.
+os.environ["VIDCONV_PREPROCESS"] = "fused"
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 

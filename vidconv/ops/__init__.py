@@ -10,11 +10,14 @@ from vidconv.ops.lrn_pool import clear_lrn_pool_plan, lrn_max_pool, lrn_pool_pla
 from vidconv.ops.preprocess import (
     DEFAULT_MEAN,
     DEFAULT_STD,
+    clear_preprocess_plan,
     crop_normalize,
     fovea_context,
+    preprocess_plan,
 )
 from vidconv.ops.st_conv import st_conv3d
 
 __all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "clear_conv_plan", "clear_linear_plan",
-           "clear_lrn_pool_plan", "conv_plan", "crop_normalize", "fovea_context", "linear",
-           "linear_plan", "lrn_max_pool", "lrn_pool_plan", "st_conv3d", "use_conv_algo"]
+           "clear_lrn_pool_plan", "clear_preprocess_plan", "conv_plan", "crop_normalize",
+           "fovea_context", "linear", "linear_plan", "lrn_max_pool", "lrn_pool_plan",
+           "preprocess_plan", "st_conv3d", "use_conv_algo"]

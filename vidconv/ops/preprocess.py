@@ -8,15 +8,30 @@ On an x86 CPU with AVX2 the float32 crop (the fovea, and all of `crop_normalize`
 16 pixels at a time with the same two float32 steps as the per-element path, so the bits are
 the same; ``VIDCONV_CPU_SIMD=0`` in the environment selects the per-element path (read per
 call).
+
+On CUDA the hand-written kernel is a measured choice, like every vidconv kernel: on the first
+call of a shape (op, device, dtype, layout, clip and output sizes) it runs beside the same
+computation in plain PyTorch (:mod:`vidconv.reference` in float32 on the GPU); it is used only
+when its output agrees (within one rounding of the output type, float32 steps included) and it
+is faster by more than the timing noise. A kernel that disagrees or raises is not used for that
+shape, with one warning, and the plain-PyTorch path runs instead. ``VIDCONV_PREPROCESS=fused``
+or ``aten`` forces one path (``auto``, the default, measures); ``VIDCONV_TUNE=0`` and
+``VIDCONV_CONV_ALGO=aten`` keep plain PyTorch. Under ``torch.compile`` and CUDA-graph capture
+the kernel runs (nothing can be timed there). :func:`preprocess_plan` lists the choices.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from vidconv import reference
+from vidconv.ops import conv_planner
 from vidconv.ops._validate import (
     INT32_MAX,
     expect_dtype,
@@ -168,6 +183,123 @@ def _check_out(name: str, out: object, clips: torch.Tensor, unbatched: bool, siz
     return out5
 
 
+# ---- the CUDA kernel as a measured choice -----------------------------------------------------
+
+MODES = ("auto", "fused", "aten")
+# Where the kernel is measured against plain PyTorch before use: the CPU kernel is the one the
+# tests hold to the float64 reference bit for bit on every build.
+_MEASURED_DEVICES = {"cuda"}
+_decisions = conv_planner.ChoiceTable()
+
+
+@dataclass
+class PreprocessDecision:
+    fused: bool
+    how: str  # "tuned", "noisy", "disagrees", "raised"
+    times_ms: dict[str, float]
+    rel_err: float | None = None
+    tune_s: float = 0.0
+
+
+def preprocess_plan() -> list[dict]:
+    """Every kernel-or-PyTorch choice the preprocessing ops made in this process (CUDA): key
+    (op, device, output dtype, layout, clips shape, size), fused or not, how, times (ms), the
+    kernel's relative difference from plain PyTorch, seconds spent deciding."""
+    return [{"key": key, "fused": d.fused, "how": d.how, "times_ms": dict(d.times_ms),
+             "rel_err": d.rel_err, "tune_s": d.tune_s} for key, d in _decisions.items()]
+
+
+def clear_preprocess_plan() -> None:
+    """Forget the choices (the next call of each shape measures again)."""
+    _decisions.clear()
+
+
+def _mode() -> str:
+    value = os.environ.get("VIDCONV_PREPROCESS", "auto").strip() or "auto"
+    if value not in MODES:
+        raise ValueError(f"VIDCONV_PREPROCESS must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def _plain(op: str, clips: torch.Tensor, size: int, off: torch.Tensor, flips: torch.Tensor,
+           mean: list[float], std: list[float], dtype: torch.dtype,
+           memory_format: torch.memory_format) -> tuple[torch.Tensor, ...]:
+    """The op in plain PyTorch on clips' device (float32, then rounded to ``dtype``)."""
+    if op == "fovea_context":
+        outs = reference.fovea_context(clips, size, offsets=off, flip=flips, mean=mean, std=std,
+                                       compute_dtype=torch.float32)
+    else:
+        outs = (reference.crop_normalize(clips, size, offsets=off, flip=flips, mean=mean,
+                                         std=std, compute_dtype=torch.float32),)
+    return tuple(o.to(dtype).contiguous(memory_format=memory_format) for o in outs)
+
+
+def _kernel(op: str, clips: torch.Tensor, size: int, off: torch.Tensor, flips: torch.Tensor,
+            mean: list[float], std: list[float], dtype: torch.dtype,
+            memory_format: torch.memory_format) -> tuple[torch.Tensor, ...]:
+    out = getattr(torch.ops.vidconv, op)(clips, size, off, flips, mean, std, dtype,
+                                         memory_format == torch.channels_last_3d)
+    return tuple(out) if isinstance(out, tuple | list) else (out,)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    # Relative to the output's largest magnitude: the two paths round float32 steps in different
+    # orders (area mean as sum * (1/count) against a division), then once to the output type.
+    eps = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    return 2 * eps + 16 * 2.0**-23
+
+
+def _use_kernel(op: str, clips: torch.Tensor, size: int, off: torch.Tensor,
+                flips: torch.Tensor, mean: list[float], std: list[float], dtype: torch.dtype,
+                memory_format: torch.memory_format) -> bool:
+    """Whether the kernel (True) or plain PyTorch computes this call; see the module
+    docstring."""
+    if clips.device.type not in _MEASURED_DEVICES or torch.compiler.is_compiling():
+        return True
+    mode = _mode()
+    if mode != "auto":
+        return mode == "fused"
+    if conv_planner._mode() == "aten" or not conv_planner._tuning_enabled():
+        return False
+    key = (op, conv_planner._device_name(clips.device), str(dtype).removeprefix("torch."),
+           "channels_last_3d" if memory_format == torch.channels_last_3d else "contiguous",
+           tuple(clips.shape), size)
+    decision = _decisions.get(key)
+    if decision is not None:
+        return decision.fused
+    if clips.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
+    args = (op, clips, size, off, flips, mean, std, dtype, memory_format)
+    return _decisions.decide(key, lambda: _measure(*args)).fused
+
+
+def _measure(op: str, clips: torch.Tensor, *rest) -> PreprocessDecision:
+    what = f"{op} of clips {tuple(clips.shape)} to {rest[-2]} on {clips.device}"
+    runs: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {
+        "fused": lambda: _kernel(op, clips, *rest), "aten": lambda: _plain(op, clips, *rest)}
+    try:
+        got = runs["fused"]()
+    except Exception as exc:  # noqa: BLE001 - no kernel for the device, a size it refuses
+        warnings.warn(f"vidconv: the {op} kernel cannot run {what} ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); plain PyTorch runs "
+                      "there", RuntimeWarning, stacklevel=4)
+        return PreprocessDecision(False, "raised", {}, float("nan"))
+    want = runs["aten"]()
+    err = max((conv_planner._rel_err(g, w) for g, w in zip(got, want, strict=True)),
+              default=0.0)
+    if not err <= _tolerance(rest[-2]):
+        warnings.warn(f"vidconv: the {op} kernel differs from plain PyTorch by {err:.3g} "
+                      f"(relative) on {what}; not used there", RuntimeWarning, stacklevel=4)
+        return PreprocessDecision(False, "disagrees", {}, err)
+    result = conv_planner.measure_choice(runs, "aten", clips.device, warm_up=True)
+    if result.noisy is not None:
+        warnings.warn(f"vidconv: {op} timings varied {result.noisy:.1f}x between runs on "
+                      f"{what} (other work on the same device?); plain PyTorch runs there in "
+                      "this process", RuntimeWarning, stacklevel=4)
+        return PreprocessDecision(False, "noisy", result.times_ms, err)
+    return PreprocessDecision(result.chosen == "fused", "tuned", result.times_ms, err)
+
+
 def _written(*tensors: torch.Tensor) -> None:
     """Bump the version counters of tensors an op wrote in place, as PyTorch's in-place ops do:
     a backward that saved an earlier value of one then raises instead of using the new one.
@@ -226,6 +358,8 @@ def fovea_context(
     """
     clips, unbatched, off, flips, mean_, std_ = _prepare(
         clips, size, offsets, flip, mean, std, dtype, memory_format)
+    fused = _use_kernel("fovea_context", clips, size, off, flips, mean_, std_, dtype,
+                        memory_format)
     if out is not None:
         if not isinstance(out, tuple | list) or len(out) != 2:
             raise TypeError(f"out must be a (fovea, context) pair of tensors, got {out!r:.80}")
@@ -233,12 +367,22 @@ def fovea_context(
                             memory_format)
         context5 = _check_out("out[1] (context)", out[1], clips, unbatched, size, dtype,
                               memory_format)
-        torch.ops.vidconv.fovea_context.out(clips, size, off, flips, mean_, std_,
-                                            fovea=fovea5, context=context5)
+        if fused:
+            torch.ops.vidconv.fovea_context.out(clips, size, off, flips, mean_, std_,
+                                                fovea=fovea5, context=context5)
+        else:
+            plain = _plain("fovea_context", clips, size, off, flips, mean_, std_, dtype,
+                           memory_format)
+            fovea5.copy_(plain[0])
+            context5.copy_(plain[1])
         _written(out[0], out[1])
         return out[0], out[1]
-    fovea, context = torch.ops.vidconv.fovea_context(
-        clips, size, off, flips, mean_, std_, dtype, memory_format == torch.channels_last_3d)
+    if fused:
+        fovea, context = torch.ops.vidconv.fovea_context(
+            clips, size, off, flips, mean_, std_, dtype, memory_format == torch.channels_last_3d)
+    else:
+        fovea, context = _plain("fovea_context", clips, size, off, flips, mean_, std_, dtype,
+                                memory_format)
     if unbatched:
         return fovea[0], context[0]
     return fovea, context
@@ -267,13 +411,23 @@ def crop_normalize(
     """
     clips, unbatched, off, flips, mean_, std_ = _prepare(
         clips, size, offsets, flip, mean, std, dtype, memory_format)
+    fused = _use_kernel("crop_normalize", clips, size, off, flips, mean_, std_, dtype,
+                        memory_format)
     if out is not None:
         out5 = _check_out("out", out, clips, unbatched, size, dtype, memory_format)
-        torch.ops.vidconv.crop_normalize.out(clips, size, off, flips, mean_, std_, out=out5)
+        if fused:
+            torch.ops.vidconv.crop_normalize.out(clips, size, off, flips, mean_, std_, out=out5)
+        else:
+            out5.copy_(_plain("crop_normalize", clips, size, off, flips, mean_, std_, dtype,
+                              memory_format)[0])
         _written(out)
         return out
-    out = torch.ops.vidconv.crop_normalize(
-        clips, size, off, flips, mean_, std_, dtype, memory_format == torch.channels_last_3d)
+    if fused:
+        out = torch.ops.vidconv.crop_normalize(
+            clips, size, off, flips, mean_, std_, dtype, memory_format == torch.channels_last_3d)
+    else:
+        out = _plain("crop_normalize", clips, size, off, flips, mean_, std_, dtype,
+                     memory_format)[0]
     return out[0] if unbatched else out
 
 
