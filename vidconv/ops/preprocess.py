@@ -358,8 +358,6 @@ def fovea_context(
     """
     clips, unbatched, off, flips, mean_, std_ = _prepare(
         clips, size, offsets, flip, mean, std, dtype, memory_format)
-    fused = _use_kernel("fovea_context", clips, size, off, flips, mean_, std_, dtype,
-                        memory_format)
     if out is not None:
         if not isinstance(out, tuple | list) or len(out) != 2:
             raise TypeError(f"out must be a (fovea, context) pair of tensors, got {out!r:.80}")
@@ -367,6 +365,9 @@ def fovea_context(
                             memory_format)
         context5 = _check_out("out[1] (context)", out[1], clips, unbatched, size, dtype,
                               memory_format)
+    fused = _use_kernel("fovea_context", clips, size, off, flips, mean_, std_, dtype,
+                        memory_format)
+    if out is not None:
         if fused:
             torch.ops.vidconv.fovea_context.out(clips, size, off, flips, mean_, std_,
                                                 fovea=fovea5, context=context5)
@@ -411,10 +412,11 @@ def crop_normalize(
     """
     clips, unbatched, off, flips, mean_, std_ = _prepare(
         clips, size, offsets, flip, mean, std, dtype, memory_format)
+    if out is not None:
+        out5 = _check_out("out", out, clips, unbatched, size, dtype, memory_format)
     fused = _use_kernel("crop_normalize", clips, size, off, flips, mean_, std_, dtype,
                         memory_format)
     if out is not None:
-        out5 = _check_out("out", out, clips, unbatched, size, dtype, memory_format)
         if fused:
             torch.ops.vidconv.crop_normalize.out(clips, size, off, flips, mean_, std_, out=out5)
         else:
