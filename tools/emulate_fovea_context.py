@@ -22,18 +22,17 @@ Usage: python tools/emulate_fovea_context.py [--quick] [--keep DIR]
 
 from __future__ import annotations
 
-import argparse
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from vidconv.ops import crop_normalize, fovea_context
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/emulation.py, beside this file
+from emulation import drive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -118,35 +117,20 @@ def run_case(exe: Path, work: Path, case: tuple, dtype: torch.dtype, channels_la
     return ok, line
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="edge cases only, no random ones")
-    parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
-    args = parser.parse_args(argv)
-    work = args.keep or Path(tempfile.mkdtemp(prefix="emulate_fovea_context_"))
-    work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+def runs(exe: Path, work: Path, quick: bool):
     torch.set_num_threads(1)
-    try:
-        exe = build(work)
-        cases = CASES + ([] if args.quick else random_cases(24, seed=5))
-        failures = runs = 0
-        for i, case in enumerate(cases):
-            for j, dtype in enumerate(TYPES):
-                for channels_last in (False, True):
-                    # Misaligned on every other run: heads and tails of both kinds.
-                    misalign = (i + j + channels_last) % 2 == 1
-                    ok, line = run_case(exe, work, case, dtype, channels_last, misalign,
-                                        seed=100 * i + 10 * j + channels_last)
-                    print(line, flush=True)
-                    failures += not ok
-                    runs += 1
-        print(f"{runs - failures} passed, {failures} failed "
-              f"in {time.perf_counter() - start:.1f}s")
-        return 1 if failures else 0
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+    cases = CASES + ([] if quick else random_cases(24, seed=5))
+    for i, case in enumerate(cases):
+        for j, dtype in enumerate(TYPES):
+            for channels_last in (False, True):
+                # Misaligned on every other run: heads and tails of both kinds.
+                misalign = (i + j + channels_last) % 2 == 1
+                yield run_case(exe, work, case, dtype, channels_last, misalign,
+                               seed=100 * i + 10 * j + channels_last)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return drive(argv, __doc__, "emulate_fovea_context_", build, runs)
 
 
 if __name__ == "__main__":

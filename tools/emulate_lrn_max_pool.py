@@ -21,17 +21,16 @@ Usage: python tools/emulate_lrn_max_pool.py [--quick] [--keep DIR]
 
 from __future__ import annotations
 
-import argparse
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/emulation.py, beside this file
+from emulation import drive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -117,30 +116,15 @@ def run_case(exe: Path, work: Path, case: tuple, dtype: torch.dtype, seed: int
     return ok, line
 
 
+def runs(exe: Path, work: Path, quick: bool):
+    cases = CASES + ([] if quick else random_cases(16, seed=11))
+    for i, case in enumerate(cases):
+        for j, dtype in enumerate(TYPES):
+            yield run_case(exe, work, case, dtype, seed=10 * i + j)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="edge cases only, no random ones")
-    parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
-    args = parser.parse_args(argv)
-    work = args.keep or Path(tempfile.mkdtemp(prefix="emulate_lrn_max_pool_"))
-    work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    try:
-        exe = build(work)
-        cases = CASES + ([] if args.quick else random_cases(16, seed=11))
-        failures = runs = 0
-        for i, case in enumerate(cases):
-            for j, dtype in enumerate(TYPES):
-                ok, line = run_case(exe, work, case, dtype, seed=10 * i + j)
-                print(line, flush=True)
-                failures += not ok
-                runs += 1
-        print(f"{runs - failures} passed, {failures} failed "
-              f"in {time.perf_counter() - start:.1f}s")
-        return 1 if failures else 0
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+    return drive(argv, __doc__, "emulate_lrn_max_pool_", build, runs)
 
 
 if __name__ == "__main__":

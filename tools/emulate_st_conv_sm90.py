@@ -36,13 +36,9 @@ Usage: python tools/emulate_st_conv_sm90.py [--quick] [--keep DIR]
 
 from __future__ import annotations
 
-import argparse
 import math
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -51,6 +47,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from emulate_st_conv import CASES, random_cases  # noqa: E402
+from emulation import drive  # noqa: E402
 
 TYPES = {torch.float16: 1, torch.bfloat16: 2}
 TOL = 1e-2
@@ -166,43 +163,24 @@ def split_cases(work: Path, exe: Path, quick: bool) -> list[tuple[bool, str]]:
     return results
 
 
+def runs(exe: Path, work: Path, quick: bool):
+    if quick:
+        cases = [CASES[3], CASES[8], CASES[11], *SM90_CASES[:2]]
+    else:
+        cases = CASES + SM90_CASES + random_cases(8, seed=11)
+    yield from split_cases(work, exe, quick=quick)
+    for i, case in enumerate(cases):
+        for j, dtype in enumerate(TYPES):
+            # Alternate a 2-block persistent grid (several tiles per block) with one block per
+            # tile, ReLU and bias on and off.
+            yield run_case(exe, work, case, dtype, relu=(i + j) % 3 != 0,
+                           has_bias=(i + j) % 4 != 1, seed=100 * i + j,
+                           grid=2 if (i + j) % 2 == 0 else 0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="a few edge cases only (what the test suite runs)")
-    parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
-    args = parser.parse_args(argv)
-    work = args.keep or Path(tempfile.mkdtemp(prefix="emulate_st_conv_sm90_"))
-    work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    try:
-        exe = build(work)
-        if args.quick:
-            cases = [CASES[3], CASES[8], CASES[11], *SM90_CASES[:2]]
-        else:
-            cases = CASES + SM90_CASES + random_cases(8, seed=11)
-        failures = runs = 0
-        split_runs = split_cases(work, exe, quick=args.quick)
-        for ok, line in split_runs:
-            print(line, flush=True)
-            failures += not ok
-            runs += 1
-        for i, case in enumerate(cases):
-            for j, dtype in enumerate(TYPES):
-                # Alternate a 2-block persistent grid (several tiles per block) with one block
-                # per tile, ReLU and bias on and off.
-                ok, line = run_case(exe, work, case, dtype, relu=(i + j) % 3 != 0,
-                                    has_bias=(i + j) % 4 != 1, seed=100 * i + j,
-                                    grid=2 if (i + j) % 2 == 0 else 0)
-                print(line, flush=True)
-                failures += not ok
-                runs += 1
-        print(f"{runs - failures} passed, {failures} failed "
-              f"in {time.perf_counter() - start:.1f}s")
-        return 1 if failures else 0
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+    return drive(argv, __doc__, "emulate_st_conv_sm90_", build, runs,
+                 quick_help="a few edge cases only (what the test suite runs)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@
 // frame, so each input byte comes from memory once and the re-reads hit cache.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,6 +16,8 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#include "preprocess_out.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define VIDCONV_X86_SIMD 1
@@ -316,28 +317,6 @@ at::Tensor crop_normalize_cpu(const at::Tensor& clips, int64_t size, const at::T
 
 // The out= overloads: the caller's tensors (e.g. a loader's reused batch buffers) instead of
 // fresh ones, whose first write would fault every page in. Layout and dtype come from `out`.
-// Checked before the inputs, whose dtype check would otherwise name `dtype`, not `out`.
-void check_out_dtype(const char* op, const char* name, const at::Tensor& out) {
-  const auto dtype = out.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", dtype);
-}
-
-void check_out(const char* op, const char* name, const at::Tensor& clips, int64_t size,
-               const at::Tensor& out) {
-  TORCH_CHECK(out.device() == clips.device(), op, ": ", name, " must be on clips' device ",
-              clips.device(), ", got ", out.device());
-  const std::vector<int64_t> expected{clips.size(0), 3, clips.size(1), size, size};
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(expected), op, ": ", name, " must have shape ",
-              at::IntArrayRef(expected), ", got ", out.sizes());
-  TORCH_CHECK(out.is_contiguous() || out.is_contiguous(at::MemoryFormat::ChannelsLast3d), op,
-              ": ", name, " must be contiguous or channels_last_3d, got strides ",
-              out.strides());
-  at::assert_no_overlap(out, clips);
-}
-
-bool out_is_channels_last(const at::Tensor& out) { return !out.is_contiguous(); }
-
 void fovea_context_out_cpu(
     const at::Tensor& clips, int64_t size, const at::Tensor& offsets, const at::Tensor& flip,
     at::ArrayRef<double> mean, at::ArrayRef<double> std_, at::Tensor& fovea,
@@ -346,13 +325,7 @@ void fovea_context_out_cpu(
   check_inputs("fovea_context", clips, size, offsets, flip, mean, std_, fovea.scalar_type());
   check_out("fovea_context", "fovea", clips, size, fovea);
   check_out("fovea_context", "context", clips, size, context);
-  TORCH_CHECK(context.scalar_type() == fovea.scalar_type() &&
-                  out_is_channels_last(context) == out_is_channels_last(fovea),
-              "fovea_context: fovea and context must have the same dtype and layout, got ",
-              fovea.scalar_type(), (out_is_channels_last(fovea) ? " channels_last_3d" : ""),
-              " and ", context.scalar_type(),
-              (out_is_channels_last(context) ? " channels_last_3d" : ""));
-  at::assert_no_overlap(fovea, context);
+  check_out_pair(fovea, context);
   run("fovea_context", clips, size, offsets, flip, mean, std_, out_is_channels_last(fovea),
       fovea, &context);
 }

@@ -1,7 +1,6 @@
 // ATen glue of fovea_context and crop_normalize on CUDA: checks, device guard, current stream,
 // one launch of the runtime-only kernel in fovea_context_kernel.cu, launch check.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,6 +11,7 @@
 #include <vector>
 
 #include "cuda/fovea_context_kernel.h"
+#include "preprocess_out.h"
 
 namespace vidconv {
 namespace {
@@ -130,28 +130,6 @@ at::Tensor crop_normalize_cuda(const at::Tensor& clips, int64_t size, const at::
 }
 
 // The out= overloads write the caller's tensors; layout and dtype come from `out`.
-// Checked before the inputs, whose dtype check would otherwise name `dtype`, not `out`.
-void check_out_dtype(const char* op, const char* name, const at::Tensor& out) {
-  const auto dtype = out.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, op, ": ", name,
-              " must be float32, float16 or bfloat16, got ", dtype);
-}
-
-void check_out(const char* op, const char* name, const at::Tensor& clips, int64_t size,
-               const at::Tensor& out) {
-  TORCH_CHECK(out.device() == clips.device(), op, ": ", name, " must be on clips' device ",
-              clips.device(), ", got ", out.device());
-  const std::vector<int64_t> expected{clips.size(0), 3, clips.size(1), size, size};
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(expected), op, ": ", name, " must have shape ",
-              at::IntArrayRef(expected), ", got ", out.sizes());
-  TORCH_CHECK(out.is_contiguous() || out.is_contiguous(at::MemoryFormat::ChannelsLast3d), op,
-              ": ", name, " must be contiguous or channels_last_3d, got strides ",
-              out.strides());
-  at::assert_no_overlap(out, clips);
-}
-
-bool out_is_channels_last(const at::Tensor& out) { return !out.is_contiguous(); }
-
 void fovea_context_out_cuda(
     const at::Tensor& clips, int64_t size, const at::Tensor& offsets, const at::Tensor& flip,
     at::ArrayRef<double> mean, at::ArrayRef<double> std_, at::Tensor& fovea,
@@ -161,13 +139,7 @@ void fovea_context_out_cuda(
                fovea.scalar_type());
   check_out("fovea_context", "fovea", clips, size, fovea);
   check_out("fovea_context", "context", clips, size, context);
-  TORCH_CHECK(context.scalar_type() == fovea.scalar_type() &&
-                  out_is_channels_last(context) == out_is_channels_last(fovea),
-              "fovea_context: fovea and context must have the same dtype and layout, got ",
-              fovea.scalar_type(), (out_is_channels_last(fovea) ? " channels_last_3d" : ""),
-              " and ", context.scalar_type(),
-              (out_is_channels_last(context) ? " channels_last_3d" : ""));
-  at::assert_no_overlap(fovea, context);
+  check_out_pair(fovea, context);
   const c10::cuda::CUDAGuard guard(clips.device());
   run(clips, size, offsets, flip, mean, std_, out_is_channels_last(fovea), fovea, &context);
 }
