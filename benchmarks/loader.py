@@ -8,8 +8,8 @@ and flip, normalised), with the whole-video cache off so every clip is decoded. 
 
   pyav            PyAV in the iterating thread (FFmpeg may add its own decoder threads for
                   frames of 640x360 and up)
-  pyav xN         PyAV with N worker threads (N = the CPU cores available), in batches small
-                  enough that every worker has one in flight (an epoch has --videos clips)
+  pyav xN         PyAV with N worker threads (N = the CPU cores available), in batches of
+                  --videos / N clips, so that every worker has one (an epoch has --videos clips)
   dali-cpu        DALI's CPU decoder (VP8/VP9/MJPEG only), when DALI is installed
   dali-gpu        NVDEC through DALI, output and preprocessing on the GPU, when CUDA and DALI are
   shards          the same videos after `vidconv prepare` (JPEG frames in tar shards), JPEG
@@ -356,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "jpeg-only":
                     row = time_jpeg_only(folder, args.epochs, args.min_seconds)
                 else:
-                    # Threaded rows need batches in flight on every worker: an epoch has
-                    # only --videos clips.
+                    # Threaded rows need a batch on every worker: an epoch has only --videos
+                    # clips, one batch per worker.
                     batch = args.batch if nw == 0 else max(1, min(args.batch,
-                                                                  args.videos // (nw + 1)))
+                                                                  args.videos // nw))
                     row = run_row(folder, dev, backend, nw, batch, args.epochs,
                                   args.min_seconds)
                     row["batch"] = batch
