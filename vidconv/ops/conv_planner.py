@@ -635,10 +635,36 @@ def measure_choice(runs: dict[str, Callable[[], Any]], reference: str, device: t
     return race(runs, times, reference, device, _CHOICE_REPEATS.get(device.type, 3) - 1)
 
 
+FUSED_MODES = ("auto", "fused", "aten")
+
+
+def fused_mode(variable: str) -> str:
+    """The value of ``variable`` (``VIDCONV_LRN_POOL``, ``VIDCONV_PREPROCESS``): one of
+    :data:`FUSED_MODES`, "auto" when unset or empty; anything else is a clear error."""
+    value = os.environ.get(variable, "auto").strip() or "auto"
+    if value not in FUSED_MODES:
+        raise ValueError(f"{variable} must be one of {', '.join(FUSED_MODES)}, got {value!r}")
+    return value
+
+
+@dataclass
+class FusedDecision:
+    """A fused kernel against the composition it replaces, for one key: whether the kernel
+    runs, how that was decided ("tuned", "noisy", "disagrees", "raised", "unchecked"), each
+    side's time (ms), the kernel's difference from the composition, seconds spent deciding."""
+
+    fused: bool
+    how: str
+    times_ms: dict[str, float]
+    rel_err: float | None = None
+    tune_s: float = 0.0
+
+
 class ChoiceTable:
     """Per-process decisions of a measured choice made outside this planner (the LRN + pool
-    stage, the FC layers' orientation), keyed by layer: each key is measured once, and one
-    thread measures at a time, since threads timing at once would time each other's work."""
+    stage, the FC layers' orientation, the preprocessing kernel), keyed by layer: each key is
+    measured once, and one thread measures at a time, since threads timing at once would time
+    each other's work. Decisions are dataclasses with a ``tune_s`` field."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -671,6 +697,11 @@ class ChoiceTable:
         """(key, decision) pairs in the order decided."""
         with self._lock:
             return list(self._decisions.items())
+
+    def plan(self) -> list[dict[str, Any]]:
+        """The decisions as the ``*_plan()`` functions report them: ``{"key": key, **fields}``
+        per key, in the order decided (copies: changing them changes nothing)."""
+        return [{"key": key, **asdict(d)} for key, d in self.items()]
 
     def clear(self) -> None:
         with self._lock:

@@ -111,8 +111,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_plan() -> list[dict[str, Any]]:
     """Every choice :func:`linear` made in this process, in the order made: key, chosen, how,
     times (ms), the candidate's relative difference from F.linear, seconds spent deciding."""
-    return [{"key": key, "chosen": d.chosen, "how": d.how, "times_ms": dict(d.times_ms),
-             "rel_err": d.rel_err, "tune_s": d.tune_s} for key, d in _decisions.items()]
+    return _decisions.plan()
 
 
 def clear_linear_plan() -> None:

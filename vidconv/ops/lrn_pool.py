@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,7 +33,6 @@ from vidconv.ops._validate import (
 from vidconv.ops.st_conv import _output_format  # lrn_max_pool's output follows st_conv3d's rule
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-MODES = ("auto", "fused", "aten")
 
 
 def _pool_pair(pool: int | Sequence[int]) -> list[int]:
@@ -194,29 +192,12 @@ class LrnPoolKey:
     grad: bool  # timed with the backward (training) or without (inference)
 
 
-@dataclass
-class LrnPoolDecision:
-    fused: bool
-    how: str  # "tuned", "noisy", "forced", "heuristic", "disagrees", "raised"
-    times_ms: dict[str, float]
-    rel_err: float | None = None
-    tune_s: float = 0.0
-
-
 _decisions = conv_planner.ChoiceTable()
-
-
-def _mode() -> str:
-    value = os.environ.get("VIDCONV_LRN_POOL", "auto").strip() or "auto"
-    if value not in MODES:
-        raise ValueError(f"VIDCONV_LRN_POOL must be one of {', '.join(MODES)}, got {value!r}")
-    return value
 
 
 def lrn_pool_plan() -> list[dict]:
     """Every choice :func:`prefer_fused` made in this process: key, fused or not, how, times."""
-    return [{"key": key, "fused": d.fused, "how": d.how, "times_ms": dict(d.times_ms),
-             "rel_err": d.rel_err, "tune_s": d.tune_s} for key, d in _decisions.items()]
+    return _decisions.plan()
 
 
 def clear_lrn_pool_plan() -> None:
@@ -254,7 +235,7 @@ def prefer_fused(x: torch.Tensor, size: int, alpha: float, beta: float, k: float
     """
     if torch.compiler.is_compiling():
         return False
-    mode = _mode()
+    mode = conv_planner.fused_mode("VIDCONV_LRN_POOL")
     if mode != "auto":
         return mode == "fused"
     if conv_planner._mode() == "aten":  # plain PyTorch asked for: the model's own LRN + pool
@@ -280,7 +261,7 @@ def _format_name(x: torch.Tensor) -> str:
     return "strided"
 
 
-def _measure(x, size, alpha, beta, k, pool, ceil_mode, unfused, grad) -> LrnPoolDecision:
+def _measure(x, size, alpha, beta, k, pool, ceil_mode, unfused, grad) -> conv_planner.FusedDecision:
     sample = x.detach()
 
     def fused_fn(t):
@@ -310,12 +291,12 @@ def _measure(x, size, alpha, beta, k, pool, ceil_mode, unfused, grad) -> LrnPool
         warnings.warn(f"vidconv lrn_max_pool cannot run x {tuple(x.shape)} {x.dtype} on "
                       f"{x.device} ({type(exc).__name__}: {str(exc).splitlines()[0]}); the "
                       "model's LRN + max pool run there", RuntimeWarning, stacklevel=3)
-        return LrnPoolDecision(False, "raised", {}, float("nan"))
+        return conv_planner.FusedDecision(False, "raised", {}, float("nan"))
     if not err <= _tolerance(x.dtype):
         warnings.warn(f"vidconv lrn_max_pool differs from the model's LRN + max pool by "
                       f"{err:.3g} (relative) on x {tuple(x.shape)} {x.dtype}; not used there",
                       RuntimeWarning, stacklevel=3)
-        return LrnPoolDecision(False, "disagrees", {}, err)
+        return conv_planner.FusedDecision(False, "disagrees", {}, err)
     # A warm-up run first (allocator, first touch, lazy init): both are small next to a layer.
     result = conv_planner.measure_choice(runs, "aten", x.device, warm_up=True)
     if result.noisy is not None:
@@ -323,5 +304,5 @@ def _measure(x, size, alpha, beta, k, pool, ceil_mode, unfused, grad) -> LrnPool
                       f"on x {tuple(x.shape)} {x.dtype} (other work on the same device?); the "
                       "model's LRN + max pool run there in this process", RuntimeWarning,
                       stacklevel=3)
-        return LrnPoolDecision(False, "noisy", result.times_ms, err)
-    return LrnPoolDecision(result.chosen == "fused", "tuned", result.times_ms, err)
+        return conv_planner.FusedDecision(False, "noisy", result.times_ms, err)
+    return conv_planner.FusedDecision(result.chosen == "fused", "tuned", result.times_ms, err)

@@ -23,10 +23,8 @@ kernel without measuring. Under ``torch.compile`` and CUDA-graph capture the ker
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -186,40 +184,22 @@ def _check_out(name: str, out: object, clips: torch.Tensor, unbatched: bool, siz
 
 # ---- the CUDA kernel as a measured choice -----------------------------------------------------
 
-MODES = ("auto", "fused", "aten")
 # Where the kernel is measured against plain PyTorch before use: the CPU kernel is the one the
 # tests hold to the float64 reference bit for bit on every build.
 _MEASURED_DEVICES = {"cuda"}
 _decisions = conv_planner.ChoiceTable()
 
 
-@dataclass
-class PreprocessDecision:
-    fused: bool
-    how: str  # "tuned", "noisy", "disagrees", "raised", "unchecked"
-    times_ms: dict[str, float]
-    rel_err: float | None = None
-    tune_s: float = 0.0
-
-
 def preprocess_plan() -> list[dict]:
     """Every kernel-or-PyTorch choice the preprocessing ops made in this process (CUDA): key
     (op, device, output dtype, layout, clips shape, size), fused or not, how, times (ms), the
     kernel's relative difference from plain PyTorch, seconds spent deciding."""
-    return [{"key": key, "fused": d.fused, "how": d.how, "times_ms": dict(d.times_ms),
-             "rel_err": d.rel_err, "tune_s": d.tune_s} for key, d in _decisions.items()]
+    return _decisions.plan()
 
 
 def clear_preprocess_plan() -> None:
     """Forget the choices (the next call of each shape measures again)."""
     _decisions.clear()
-
-
-def _mode() -> str:
-    value = os.environ.get("VIDCONV_PREPROCESS", "auto").strip() or "auto"
-    if value not in MODES:
-        raise ValueError(f"VIDCONV_PREPROCESS must be one of {', '.join(MODES)}, got {value!r}")
-    return value
 
 
 def _plain(op: str, clips: torch.Tensor, size: int, off: torch.Tensor, flips: torch.Tensor,
@@ -277,7 +257,7 @@ def _use_kernel(op: str, clips: torch.Tensor, size: int, off: torch.Tensor,
     # The plain path reads offsets and flips on the host, which a CUDA graph cannot capture.
     if clips.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return True
-    mode = _mode()
+    mode = conv_planner.fused_mode("VIDCONV_PREPROCESS")
     if mode != "auto":
         return mode == "fused"
     if conv_planner._mode() == "aten":  # plain PyTorch asked for, throughout
@@ -294,7 +274,7 @@ def _use_kernel(op: str, clips: torch.Tensor, size: int, off: torch.Tensor,
     return _decisions.decide(key, lambda: _measure(*args)).fused
 
 
-def _measure(op: str, clips: torch.Tensor, *rest) -> PreprocessDecision:
+def _measure(op: str, clips: torch.Tensor, *rest) -> conv_planner.FusedDecision:
     what = f"{op} of clips {tuple(clips.shape)} to {rest[-2]} on {clips.device}"
     runs: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {
         "fused": lambda: _kernel(op, clips, *rest), "aten": lambda: _plain(op, clips, *rest)}
@@ -306,26 +286,26 @@ def _measure(op: str, clips: torch.Tensor, *rest) -> PreprocessDecision:
         warnings.warn(f"vidconv: the {op} kernel cannot run {what} ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0] if str(exc) else ''}); plain PyTorch runs "
                       "there", RuntimeWarning, stacklevel=level)
-        return PreprocessDecision(False, "raised", {}, float("nan"))
+        return conv_planner.FusedDecision(False, "raised", {}, float("nan"))
     try:
         want = runs["aten"]()
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory: its float32 copy is larger
         warnings.warn(f"vidconv: plain PyTorch could not run {what} to check the {op} kernel "
                       f"({type(exc).__name__}); the kernel runs there unchecked",
                       RuntimeWarning, stacklevel=level)
-        return PreprocessDecision(True, "unchecked", {}, None)
+        return conv_planner.FusedDecision(True, "unchecked", {}, None)
     err = _difference(got, want, rest[3], rest[4])
     if not err <= _tolerance(rest[-2]):
         warnings.warn(f"vidconv: the {op} kernel differs from plain PyTorch by {err:.3g} "
                       f"(relative) on {what}; not used there", RuntimeWarning, stacklevel=level)
-        return PreprocessDecision(False, "disagrees", {}, err)
+        return conv_planner.FusedDecision(False, "disagrees", {}, err)
     result = conv_planner.measure_choice(runs, "aten", clips.device, warm_up=True)
     if result.noisy is not None:
         warnings.warn(f"vidconv: {op} timings varied {result.noisy:.1f}x between runs on "
                       f"{what} (other work on the same device?); plain PyTorch runs there in "
                       "this process", RuntimeWarning, stacklevel=level)
-        return PreprocessDecision(False, "noisy", result.times_ms, err)
-    return PreprocessDecision(result.chosen == "fused", "tuned", result.times_ms, err)
+        return conv_planner.FusedDecision(False, "noisy", result.times_ms, err)
+    return conv_planner.FusedDecision(result.chosen == "fused", "tuned", result.times_ms, err)
 
 
 def _written(*tensors: torch.Tensor) -> None:
