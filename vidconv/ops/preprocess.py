@@ -223,6 +223,27 @@ def _kernel(op: str, clips: torch.Tensor, size: int, off: torch.Tensor, flips: t
     return tuple(out) if isinstance(out, tuple | list) else (out,)
 
 
+def _compute(op: str, clips: torch.Tensor, size: int, off: torch.Tensor, flips: torch.Tensor,
+             mean: list[float], std: list[float], dtype: torch.dtype,
+             memory_format: torch.memory_format,
+             outs: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...]:
+    """The op's outputs, by the kernel or plain PyTorch as :func:`_use_kernel` decides; written
+    into ``outs`` (5-D, validated) when given, their version counters bumped."""
+    args = (op, clips, size, off, flips, mean, std, dtype, memory_format)
+    fused = _use_kernel(*args)
+    if outs is None:
+        return _kernel(*args) if fused else _plain(*args)
+    if fused:
+        names = ("fovea", "context") if op == "fovea_context" else ("out",)
+        getattr(torch.ops.vidconv, op).out(clips, size, off, flips, mean, std,
+                                           **dict(zip(names, outs, strict=True)))
+    else:
+        for o, value in zip(outs, _plain(*args), strict=True):
+            o.copy_(value)
+    _written(*outs)  # views share their base's version counter
+    return outs
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     # Relative to the largest output any pixel could give (see _difference): the two paths round
     # float32 steps in different orders (area mean as sum * (1/count) against a division), then
@@ -274,12 +295,16 @@ def _use_kernel(op: str, clips: torch.Tensor, size: int, off: torch.Tensor,
     return _decisions.decide(key, lambda: _measure(*args)).fused
 
 
-def _measure(op: str, clips: torch.Tensor, *rest) -> conv_planner.FusedDecision:
-    what = f"{op} of clips {tuple(clips.shape)} to {rest[-2]} on {clips.device}"
+def _measure(op: str, clips: torch.Tensor, size: int, off: torch.Tensor, flips: torch.Tensor,
+             mean: list[float], std: list[float], dtype: torch.dtype,
+             memory_format: torch.memory_format) -> conv_planner.FusedDecision:
+    args = (op, clips, size, off, flips, mean, std, dtype, memory_format)
+    what = f"{op} of clips {tuple(clips.shape)} to {dtype} on {clips.device}"
     runs: dict[str, Callable[[], tuple[torch.Tensor, ...]]] = {
-        "fused": lambda: _kernel(op, clips, *rest), "aten": lambda: _plain(op, clips, *rest)}
-    # The user's call: fovea_context / crop_normalize -> _use_kernel -> decide -> lambda -> here.
-    level = 6
+        "fused": lambda: _kernel(*args), "aten": lambda: _plain(*args)}
+    # The user's call: fovea_context / crop_normalize -> _compute -> _use_kernel -> decide ->
+    # lambda -> here.
+    level = 7
     try:
         got = runs["fused"]()
     except Exception as exc:  # noqa: BLE001 - no kernel for the device, a size it refuses
@@ -294,8 +319,8 @@ def _measure(op: str, clips: torch.Tensor, *rest) -> conv_planner.FusedDecision:
                       f"({type(exc).__name__}); the kernel runs there unchecked",
                       RuntimeWarning, stacklevel=level)
         return conv_planner.FusedDecision(True, "unchecked", {}, None)
-    err = _difference(got, want, rest[3], rest[4])
-    if not err <= _tolerance(rest[-2]):
+    err = _difference(got, want, mean, std)
+    if not err <= _tolerance(dtype):
         warnings.warn(f"vidconv: the {op} kernel differs from plain PyTorch by {err:.3g} "
                       f"(relative) on {what}; not used there", RuntimeWarning, stacklevel=level)
         return conv_planner.FusedDecision(False, "disagrees", {}, err)
@@ -366,32 +391,18 @@ def fovea_context(
     """
     clips, unbatched, off, flips, mean_, std_ = _prepare(
         clips, size, offsets, flip, mean, std, dtype, memory_format)
+    outs = None
     if out is not None:
         if not isinstance(out, tuple | list) or len(out) != 2:
             raise TypeError(f"out must be a (fovea, context) pair of tensors, got {out!r:.80}")
-        fovea5 = _check_out("out[0] (fovea)", out[0], clips, unbatched, size, dtype,
-                            memory_format)
-        context5 = _check_out("out[1] (context)", out[1], clips, unbatched, size, dtype,
-                              memory_format)
-    fused = _use_kernel("fovea_context", clips, size, off, flips, mean_, std_, dtype,
-                        memory_format)
+        outs = (_check_out("out[0] (fovea)", out[0], clips, unbatched, size, dtype,
+                           memory_format),
+                _check_out("out[1] (context)", out[1], clips, unbatched, size, dtype,
+                           memory_format))
+    fovea, context = _compute("fovea_context", clips, size, off, flips, mean_, std_, dtype,
+                              memory_format, outs)
     if out is not None:
-        if fused:
-            torch.ops.vidconv.fovea_context.out(clips, size, off, flips, mean_, std_,
-                                                fovea=fovea5, context=context5)
-        else:
-            plain = _plain("fovea_context", clips, size, off, flips, mean_, std_, dtype,
-                           memory_format)
-            fovea5.copy_(plain[0])
-            context5.copy_(plain[1])
-        _written(out[0], out[1])
         return out[0], out[1]
-    if fused:
-        fovea, context = torch.ops.vidconv.fovea_context(
-            clips, size, off, flips, mean_, std_, dtype, memory_format == torch.channels_last_3d)
-    else:
-        fovea, context = _plain("fovea_context", clips, size, off, flips, mean_, std_, dtype,
-                                memory_format)
     if unbatched:
         return fovea[0], context[0]
     return fovea, context
@@ -420,25 +431,13 @@ def crop_normalize(
     """
     clips, unbatched, off, flips, mean_, std_ = _prepare(
         clips, size, offsets, flip, mean, std, dtype, memory_format)
+    outs = None if out is None else (
+        _check_out("out", out, clips, unbatched, size, dtype, memory_format),)
+    (result,) = _compute("crop_normalize", clips, size, off, flips, mean_, std_, dtype,
+                         memory_format, outs)
     if out is not None:
-        out5 = _check_out("out", out, clips, unbatched, size, dtype, memory_format)
-    fused = _use_kernel("crop_normalize", clips, size, off, flips, mean_, std_, dtype,
-                        memory_format)
-    if out is not None:
-        if fused:
-            torch.ops.vidconv.crop_normalize.out(clips, size, off, flips, mean_, std_, out=out5)
-        else:
-            out5.copy_(_plain("crop_normalize", clips, size, off, flips, mean_, std_, dtype,
-                              memory_format)[0])
-        _written(out)
         return out
-    if fused:
-        out = torch.ops.vidconv.crop_normalize(
-            clips, size, off, flips, mean_, std_, dtype, memory_format == torch.channels_last_3d)
-    else:
-        out = _plain("crop_normalize", clips, size, off, flips, mean_, std_, dtype,
-                     memory_format)[0]
-    return out[0] if unbatched else out
+    return result[0] if unbatched else result
 
 
 def _fake_output(clips: torch.Tensor, size: int, dtype: torch.dtype,
