@@ -255,33 +255,19 @@ __host__ __device__ void load_phase(const PreprocessArgs& a, const Plan& p, cons
   }
 }
 
-// The bits of one output value, as the low bytes of a 32-bit word.
-__host__ __device__ inline uint32_t value_bits(float v) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(v);
-#else
-  uint32_t w;
-  memcpy(&w, &v, 4);
-  return w;
-#endif
-}
-__host__ __device__ inline uint32_t value_bits(__half v) {
-#ifdef __CUDA_ARCH__
-  return __half_as_ushort(v);
-#else
-  uint16_t h;
-  memcpy(&h, &v, 2);
-  return h;
-#endif
-}
-__host__ __device__ inline uint32_t value_bits(__nv_bfloat16 v) {
-#ifdef __CUDA_ARCH__
-  return __bfloat16_as_ushort(v);
-#else
-  uint16_t h;
-  memcpy(&h, &v, 2);
-  return h;
-#endif
+// The bits of one output value (float, half or bfloat16), as the low bytes of a 32-bit word.
+template <typename T>
+__host__ __device__ inline uint32_t value_bits(T v) {
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4, "16- or 32-bit outputs");
+  if constexpr (sizeof(T) == 4) {
+    uint32_t w;
+    memcpy(&w, &v, 4);
+    return w;
+  } else {
+    uint16_t h;
+    memcpy(&h, &v, 2);
+    return h;
+  }
 }
 
 // Where element k of a run of output rows stands: row r, column j, channel c. A planar run is
