@@ -3,13 +3,13 @@ a batch anyone still refers to, in any form, is never written again."""
 
 from __future__ import annotations
 
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_in_threads
 
 from vidconv.clip import ClipSpec
 from vidconv.data import ClipLoader
@@ -139,9 +139,10 @@ def test_bad_capacity() -> None:
 
 def test_threads_never_share_a_live_buffer() -> None:
     pool = BufferPool(6)
-    errors: list[str] = []
+    ids = iter(range(1000))
 
-    def work(k: int) -> None:
+    def work() -> list[str]:
+        k, errors = next(ids), []
         for i in range(300):
             t = pool.take(SHAPE, torch.int64)
             t.fill_(k)
@@ -150,13 +151,9 @@ def test_threads_never_share_a_live_buffer() -> None:
             if not bool((t == k).all()):
                 errors.append(f"thread {k}: buffer changed while held")
             del t
+        return errors
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors and pool.reused > 0
+    assert run_in_threads(work) == [[]] * 4 and pool.reused > 0
 
 
 # ---- the loader -------------------------------------------------------------------------------

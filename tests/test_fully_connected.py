@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_in_threads
 from torch import nn
 
 from vidconv.models import build
@@ -227,24 +228,14 @@ def test_distributed_runs_f_linear_untimed(monkeypatch):
 
 
 def test_threads_deciding_at_once_measure_once(monkeypatch):
-    import threading
-
     calls: list[str] = []
     _inject(monkeypatch, {"aten": [10.0], "weight_major": [5.0]}, calls)
     x, w = torch.randn(8, 64), torch.randn(32, 64)
-    errors: list[BaseException] = []
 
     def work():
-        try:
-            with torch.no_grad():
-                torch.testing.assert_close(fc.linear(x, w), F.linear(x, w))
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
+        with torch.no_grad():
+            torch.testing.assert_close(fc.linear(x, w), F.linear(x, w))
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(fc.linear_plan()) == 1
+    run_in_threads(work)
+    assert len(fc.linear_plan()) == 1
     assert calls.count("weight_major") == calls.count("aten") <= 3  # one race, not four

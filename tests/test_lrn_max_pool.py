@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_in_threads
 
 from vidconv import reference
 from vidconv.ops import lrn_max_pool
@@ -186,18 +187,25 @@ def _unfused(t):
                         ceil_mode=True)
 
 
-def test_prefer_fused_measures_once_and_honours_the_knob(monkeypatch):
-    lrn_pool_mod.clear_lrn_pool_plan()
-    x = _activations((1, 8, 1, 9, 9), torch.float32)
-    calls = []
+def _fused_clearly_faster(monkeypatch) -> list[str]:
+    """Timings injected (each candidate still runs): the fused op 1 ms, the composition 2 ms;
+    the names timed, in order."""
+    calls: list[str] = []
     real = lrn_pool_mod.conv_planner.time_candidate
 
     def timed(name, run, device, repeats):
         calls.append(name)
         real(name, run, device, repeats)
-        return [1.0 if name == "fused" else 2.0]  # the fused op clearly faster
+        return [1.0 if name == "fused" else 2.0]
 
     monkeypatch.setattr(lrn_pool_mod.conv_planner, "time_candidate", timed)
+    return calls
+
+
+def test_prefer_fused_measures_once_and_honours_the_knob(monkeypatch):
+    lrn_pool_mod.clear_lrn_pool_plan()
+    x = _activations((1, 8, 1, 9, 9), torch.float32)
+    calls = _fused_clearly_faster(monkeypatch)
     assert lrn_pool_mod.prefer_fused(x, 5, 1e-4, 0.5, 2.0, (2, 2), True, _unfused)
     assert sorted(set(calls)) == ["aten", "fused"]
     n = len(calls)
@@ -214,34 +222,12 @@ def test_prefer_fused_measures_once_and_honours_the_knob(monkeypatch):
 
 
 def test_threads_meeting_a_new_shape_at_once_measure_once(monkeypatch):
-    import threading
-
     lrn_pool_mod.clear_lrn_pool_plan()
     x = _activations((1, 8, 1, 9, 9), torch.float32)
-    calls = []
-    real = lrn_pool_mod.conv_planner.time_candidate
-
-    def timed(name, run, device, repeats):
-        calls.append(name)
-        real(name, run, device, repeats)
-        return [1.0 if name == "fused" else 2.0]
-
-    monkeypatch.setattr(lrn_pool_mod.conv_planner, "time_candidate", timed)
-    answers, errors = [], []
-
-    def work():
-        try:
-            answers.append(lrn_pool_mod.prefer_fused(x, 5, 1e-4, 0.5, 2.0, (2, 2), True,
-                                                     _unfused))
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and answers == [True] * 4 and len(lrn_pool_mod.lrn_pool_plan()) == 1
+    calls = _fused_clearly_faster(monkeypatch)
+    answers = run_in_threads(
+        lambda: lrn_pool_mod.prefer_fused(x, 5, 1e-4, 0.5, 2.0, (2, 2), True, _unfused))
+    assert answers == [True] * 4 and len(lrn_pool_mod.lrn_pool_plan()) == 1
     assert calls.count("fused") == calls.count("aten") <= 3  # one race, not four
     (entry,) = lrn_pool_mod.lrn_pool_plan()
     assert entry["tune_s"] > 0
