@@ -23,7 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vidconv.train.config import FINETUNE_MODES, MAX_SEED, OPTIMIZERS, SCHEDULES
+from vidconv.train.config import (
+    FINETUNE_MODES,
+    MAX_SEED,
+    OPTIMIZERS,
+    SCHEDULES,
+    WORKER_TYPES,
+)
 
 # vidconv.data.loader.BACKENDS, spelled out so that building the parser imports no loader
 # (tests/test_torchcodec.py checks the two agree).
@@ -194,7 +200,11 @@ def _add_training(p: argparse.ArgumentParser, *, finetune: bool) -> None:
                    help="steps between checkpoints (one is also written at the end and on "
                         "Ctrl-C / SIGTERM)")
     g.add_argument("--log-every", type=_positive_int, default=10)
-    g.add_argument("--workers", type=int, default=0, help="loader worker processes")
+    g.add_argument("--workers", type=int, default=0,
+                   help="loader workers making batches ahead (default 0: none)")
+    g.add_argument("--worker-type", default="thread", choices=WORKER_TYPES,
+                   help="threads (default) or processes; processes scale with the cores "
+                        "where threads stop at the loader's Python (see ClipLoader)")
     g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="video decoder (see ClipLoader: auto picks per file)")
     g.add_argument("--no-progress", dest="progress", action="store_false",
@@ -250,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: CHECKPOINT's run dir /eval)")
     p.add_argument("--no-plots", dest="plots", action="store_false")
     p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0,
+                   help="loader workers making batches ahead (default 0: none)")
+    p.add_argument("--worker-type", default="thread", choices=WORKER_TYPES,
+                   help="threads (default) or processes (see ClipLoader)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=cmd_evaluate)
@@ -484,7 +497,7 @@ def _train_fields(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("root", "out", "batch_size", "steps", "epochs", "optimizer", "lr", "momentum",
             "weight_decay", "schedule", "lr_factor", "patience", "plateau_window", "grad_clip",
             "amp", "channels_last", "device", "seed", "checkpoint_every", "log_every", "workers",
-            "backend", "progress", "resume", "overwrite")
+            "worker_type", "backend", "progress", "resume", "overwrite")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -534,7 +547,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(args.checkpoint, args.data, root=args.root, clips=args.clips,
                       views=args.views, batch_size=args.batch_size, device=args.device,
                       groups=args.groups, out=out, plots=args.plots, progress=args.progress,
-                      backend=args.backend, workers=args.workers)
+                      backend=args.backend, workers=args.workers,
+                      worker_type=args.worker_type)
     print(f"{report['model']['name']}: {report['num_videos']} videos, {report['num_clips']} "
           f"clips ({args.clips} clips x {args.views} views), {report['skipped_videos']} skipped")
     print(f"clip hit@1 {_fmt(report['clip_hit1'])}  video hit@1 {_fmt(report['video_hit1'])}  "

@@ -5,7 +5,8 @@
 - :class:`ClipLoader`: clips sampled as the models need them (random for training, evenly
   spaced with crop/flip views for evaluation), decoded with PyAV or NVIDIA DALI, preprocessed
   with vidconv's fused ops on the target device, sharded across ranks, bad files skipped and
-  reported (see :mod:`vidconv.data.loader` for the exact rules).
+  reported (see :mod:`vidconv.data.loader` for the exact rules); batches made ahead by worker
+  threads or processes (:mod:`vidconv.data.workers`).
 - :mod:`vidconv.data.synthetic`: small labelled datasets of real encoded videos.
 - :func:`vidconv.data.prepare.prepare` (``vidconv prepare``): videos decoded once into
   WebDataset tar shards of JPEG frames; :class:`PreparedSource` reads them back through
@@ -30,6 +31,7 @@ from vidconv.data.sources import (
     open_source,
     read_class_index,
 )
+from vidconv.data.workers import WorkerError
 
 __all__ = [
     "VIDEO_EXTENSIONS",
@@ -45,6 +47,7 @@ __all__ = [
     "VideoInfo",
     "VideoItem",
     "VideoList",
+    "WorkerError",
     "decode_frames",
     "open_source",
     "probe",

@@ -65,7 +65,7 @@ class BufferPool:
             self._entries = [e for e in self._entries if not e[1].untyped_storage().is_shared()
                              and e[1].untyped_storage().nbytes() == e[2]]
             for k, buf, _, idle in self._entries:
-                if k == key and _counts(buf) == idle:
+                if k == key and storage_references(buf) == idle:
                     self.reused += 1
                     # A new tensor object on the memory: its reference marks the buffer taken.
                     return buf.detach()
@@ -73,14 +73,14 @@ class BufferPool:
             with torch.inference_mode(False):
                 fresh = torch.empty(key[0], dtype=dtype, device="cpu",
                                     memory_format=memory_format)
-            idle = _counts(fresh)
+            idle = storage_references(fresh)
             if self.capacity == 0 or idle is None:
                 return fresh
             if len(self._entries) >= self.capacity:
                 # Make room by dropping a buffer of another shape that nobody holds (the last
                 # batch of an epoch, an evaluation's batch size); if all are held, keep none.
                 for i, (k, buf, _, idle_k) in enumerate(self._entries):
-                    if k != key and _counts(buf) == idle_k:
+                    if k != key and storage_references(buf) == idle_k:
                         del self._entries[i]
                         break
                 else:
@@ -89,7 +89,7 @@ class BufferPool:
             return fresh.detach()
 
 
-def _counts(buf: torch.Tensor) -> tuple[int, int] | None:
+def storage_references(buf: torch.Tensor) -> tuple[int, int] | None:
     """The reference counts of ``buf``'s storage: C++ (tensors, views, arrays on it) and of its
     Python storage object (a held ``untyped_storage()``), measured the same way each time; None
     where this torch does not expose the first."""

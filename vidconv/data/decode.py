@@ -29,6 +29,10 @@ class DecodeError(RuntimeError):
         self.path = str(path)
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in a loader worker process and re-raised by the loader: pickled as itself.
+        return type(self), (self.path, self.reason)
+
 
 @dataclass(frozen=True)
 class VideoInfo:

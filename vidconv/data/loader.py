@@ -94,7 +94,7 @@ import os
 import threading
 import warnings
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,10 +108,14 @@ from vidconv.data.buffers import BufferPool
 from vidconv.data.decode import DecodeError, VideoInfo, decode_frames, probe
 from vidconv.data.shards import PREPARED_CODEC
 from vidconv.data.sources import open_source
+from vidconv.data.workers import START_METHODS, ProcessWorkers
 
 log = logging.getLogger("vidconv.data")
 
 BACKENDS = ("auto", "pyav", "dali", "torchcodec")
+WORKER_TYPES = ("thread", "process")
+# Per-file backends that decode on the GPU (worker processes decode on the CPU).
+GPU_BACKENDS = ("dali-gpu", "torchcodec-gpu")
 DEFAULT_CACHE_BYTES = 1 << 30
 
 # (corner, flip) per eval view; see the module docstring.
@@ -236,7 +240,17 @@ class ClipLoader:
         seed: non-negative int; with the epoch and shard, all the randomness of an epoch.
         shard_id, num_shards: this process's part (default: torch.distributed rank / world).
         strict: raise on the first bad file instead of skipping it.
-        num_workers: threads decoding batches ahead (0: decode in the iterating thread).
+        num_workers: threads or processes making batches ahead (0: in the iterating thread).
+        worker_type: "thread" (default) or "process": ``num_workers`` worker processes
+            (:mod:`vidconv.data.workers`), started at the first iteration and kept for the
+            loader's life (:meth:`close` stops them), which scale with the cores where threads
+            stop at the loader's Python. They decode on the CPU: backends that decode on the
+            GPU (DALI's NVDEC and nvJPEG paths, torchcodec on CUDA) need threads. For a CUDA
+            ``device`` the workers hand over uint8 clips and the crop and normalisation run on
+            the GPU. Each worker keeps its own whole-video cache (up to ``cache_bytes`` each)
+            when the cache is used. Same batches as threads.
+        start_method: how worker processes start: "forkserver" (default), "spawn" or "fork"
+            (see :class:`vidconv.data.workers.ProcessWorkers`).
         cache_bytes: memory for whole decoded videos (default: ``VIDCONV_CACHE_BYTES`` or
             1 GiB); used only when all of this loader's videos fit.
         reuse_buffers: on the CPU, write a batch's inputs into the memory of an earlier batch
@@ -259,7 +273,8 @@ class ClipLoader:
                  clips_per_video: int = 20, views: int = 1, device: str | torch.device = "cpu",
                  backend: str = "auto", seed: int = 0, shard_id: int | None = None,
                  num_shards: int | None = None, strict: bool = False, num_workers: int = 0,
-                 cache_bytes: int | None = None, reuse_buffers: bool = True) -> None:
+                 cache_bytes: int | None = None, reuse_buffers: bool = True,
+                 worker_type: str = "thread", start_method: str = "forkserver") -> None:
         if not isinstance(spec, ClipSpec):
             raise TypeError(f"spec must be a vidconv.clip.ClipSpec, got {type(spec).__name__}")
         if spec.size > spec.frame_size:
@@ -294,6 +309,13 @@ class ClipLoader:
             raise ValueError(f"device must be 'cpu' or a CUDA device, got {str(device)!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if worker_type not in WORKER_TYPES:
+            raise ValueError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
+        if worker_type == "process" and num_workers == 0:
+            raise ValueError("worker_type='process' needs num_workers >= 1, got 0")
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {START_METHODS}, got "
+                             f"{start_method!r}")
         if cache_bytes is None:
             cache_bytes = int(os.environ.get("VIDCONV_CACHE_BYTES", DEFAULT_CACHE_BYTES))
         if cache_bytes < 0:
@@ -306,6 +328,12 @@ class ClipLoader:
         self.seed = seed
         self.strict = bool(strict)
         self.num_workers = num_workers
+        self.worker_type = worker_type
+        self.start_method = start_method
+        self._workers: ProcessWorkers | None = None
+        # In a worker process: the bad videos it found, for the loader to report.
+        self._found_bad: list[tuple[int, str, str]] | None = None
+        self._scratch: np.ndarray | None = None
         # Enough buffers for the batches in flight (one per worker, plus the one being made),
         # the one the caller holds and the one it has just let go of; two per multires batch.
         self._buffers = BufferPool((num_workers + 3) * (2 if spec.multires else 1)) \
@@ -338,6 +366,13 @@ class ClipLoader:
         self.report.backends = dict(Counter(self._backend_of.values()))
         if not len(self._usable):
             raise ValueError(_nothing_usable(self.source, self.report))
+        if worker_type == "process":
+            on_gpu = [b for b in self.report.backends if b in GPU_BACKENDS
+                      or (b == "dali-jpeg" and self.device.type == "cuda")]
+            if on_gpu:
+                raise ValueError(f"worker_type='process' decodes on the CPU, but this source's "
+                                 f"videos use {', '.join(on_gpu)}, which decode on the GPU: "
+                                 "use worker_type='thread', or a CPU backend (backend='pyav')")
         self._cache: dict[int, torch.Tensor] | None = None
         frame_bytes = spec.frame_size * spec.frame_size * 3
         mine = self._usable if self.train else self._usable[self.shard_id::self.num_shards]
@@ -409,6 +444,12 @@ class ClipLoader:
         path = str(self.source.videos[index].path)
         if self.strict:
             raise DecodeError(path, reason)
+        if self._found_bad is not None:
+            # A worker process: the loader reports it (warning, report) when the batch comes.
+            if index not in self._bad:
+                self._bad.add(index)
+                self._found_bad.append((index, reason, stage))
+            return
         report = self.report
         with self._lock:
             if index in self._bad:
@@ -572,6 +613,15 @@ class ClipLoader:
         return out
 
     def _load(self, items: list[_Item]) -> Batch | None:
+        gathered = self._gather(items)
+        return None if gathered is None else self._finish(*gathered)
+
+    def _gather(self, items: list[_Item], out: np.ndarray | None = None
+                ) -> tuple[torch.Tensor, list[_Item]] | None:
+        """The decoding half of a batch: the uint8 clips ``(n, T, F, F, 3)`` of the usable
+        items and those items (None when no clip is left). ``out`` (at least ``len(items)``
+        clips, C-contiguous) is written instead of fresh memory when every clip is decoded on
+        the CPU; the clips come back as its leading part."""
         offsets = self.spec.frame_offsets
         by_video: dict[int, list[int]] = {}
         for item in items:
@@ -586,7 +636,8 @@ class ClipLoader:
         if not any(backend_of.get(it.video) == "dali-gpu"
                    or (on_gpu and backend_of.get(it.video) == "dali-jpeg") for it in items):
             size = self.spec.frame_size
-            batch = np.empty((len(items), len(offsets), size, size, 3), dtype=np.uint8)
+            shape = (len(items), len(offsets), size, size, 3)
+            batch = np.empty(shape, dtype=np.uint8) if out is None else out[:len(items)]
         # A prepared video with one clip in the batch is decoded straight into its slot.
         slot_of: dict[int, int] = {}
         if batch is not None and self._cache is None:
@@ -642,33 +693,50 @@ class ClipLoader:
         if not kept:
             return None
         if batch is not None and len(slots) == len(clips):
-            picked_batch = batch if len(slots) == len(items) else batch[slots]
-            clips_u8 = torch.from_numpy(picked_batch).to(self.device)
-        else:
-            clips_u8 = torch.stack([torch.as_tensor(c).to(self.device) for c in clips])
+            # Close the gaps left by skipped clips in place (slots only grow), so the batch
+            # is the leading part of `batch` (of `out`, when given).
+            for k, slot in enumerate(slots):
+                if slot != k:
+                    batch[k] = batch[slot]
+            return torch.from_numpy(batch[:len(slots)]), kept
+        return torch.stack([torch.as_tensor(c).to(self.device) for c in clips]), kept
+
+    def _finish(self, clips_u8: torch.Tensor, kept: list[_Item],
+                out: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None) -> Batch:
+        """The device half of a batch: crop and normalise ``clips_u8`` (moved to the device)
+        into ``out`` (the model input's tensors; default: pooled or fresh ones)."""
+        clips_u8 = clips_u8.to(self.device)
         off = torch.tensor([it.offset for it in kept], dtype=torch.int64, device=self.device)
         flip = torch.tensor([it.flip for it in kept], dtype=torch.bool, device=self.device)
         from vidconv.ops import crop_normalize, fovea_context
 
         inputs: Any
         size = self.spec.size
-        shape = (clips_u8.shape[0], 3, clips_u8.shape[1], size, size)
+        shape = self.input_shape(clips_u8.shape[0])
         pool = self._buffers
         if self.spec.multires:
-            out = None if pool is None else (pool.take(shape, torch.float32),
-                                             pool.take(shape, torch.float32))
+            if out is None and pool is not None:
+                out = (pool.take(shape, torch.float32), pool.take(shape, torch.float32))
             fovea, context = fovea_context(clips_u8, size, offsets=off, flip=flip, out=out)
             inputs = {"both": (fovea, context), "fovea": fovea,
                       "context": context}[self.spec.stream]
         else:
-            inputs = crop_normalize(clips_u8, size, offsets=off, flip=flip,
-                                    out=None if pool is None else pool.take(shape,
-                                                                            torch.float32))
+            if out is None and pool is not None:
+                out = pool.take(shape, torch.float32)
+            inputs = crop_normalize(clips_u8, size, offsets=off, flip=flip, out=out)
+        return self._batch(inputs, kept)
+
+    def _batch(self, inputs: Any, kept: list[_Item]) -> Batch:
         videos = self.source.videos
         labels = torch.tensor([videos[it.video].label for it in kept], dtype=torch.int64,
                               device=self.device)
         index = torch.tensor([it.video for it in kept], dtype=torch.int64, device=self.device)
         return Batch(inputs, labels, index)
+
+    def input_shape(self, clips: int) -> tuple[int, int, int, int, int]:
+        """The shape of one input tensor of a batch of ``clips`` clips: (N, 3, T, S, S)."""
+        size = self.spec.size
+        return (clips, 3, len(self.spec.frame_offsets), size, size)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
@@ -683,6 +751,9 @@ class ClipLoader:
         items = self.items()
         chunks = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         chunks = chunks[start_batch:]
+        if self.worker_type == "process":
+            yield from self._iter_processes(chunks)
+            return
         if self.num_workers == 0:
             for chunk in chunks:
                 batch = self._load(chunk)
@@ -706,11 +777,96 @@ class ClipLoader:
                 if batch is not None:
                     yield batch
 
+    def _iter_processes(self, chunks: list[list[_Item]]) -> Iterator[Batch]:
+        if self._workers is None or not self._workers.alive():
+            if self._workers is not None:
+                self._workers.close()
+            cuda = self.device.type == "cuda"
+            size, frames = self.spec.frame_size, len(self.spec.frame_offsets)
+            # Per batch in flight: uint8 clips for a CUDA loader, else the model input.
+            key = ((((self.batch_size, frames, size, size, 3),), torch.uint8) if cuda else
+                   ((self.input_shape(self.batch_size),) * (2 if self.spec.multires else 1),
+                    torch.float32))
+            self._workers = ProcessWorkers(self, self.num_workers, self.start_method, key,
+                                           _make_in_worker)
+        for (kept, found_bad), tensors in self._workers.run(chunks,
+                                                            bad=lambda: sorted(self._bad)):
+            for index, reason, stage in found_bad:
+                self._skip(index, reason, stage)
+            if kept is None:
+                continue
+            n = len(kept)
+            if self.device.type == "cuda":
+                yield self._finish(tensors[0][:n], kept)
+            elif self.spec.multires:
+                fovea, context = tensors[0][:n], tensors[1][:n]
+                yield self._batch({"both": (fovea, context), "fovea": fovea,
+                                   "context": context}[self.spec.stream], kept)
+            else:
+                yield self._batch(tensors[0][:n], kept)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running worker processes (none before the first iteration, with
+        threads, or after :meth:`close`)."""
+        return [] if self._workers is None else self._workers.pids()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (a later iteration starts new ones)."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+
+    def __enter__(self) -> ClipLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What a worker process gets: no lock, decoders, buffer pool or workers of its own.
+        state = self.__dict__.copy()
+        for name in ("_lock", "_workers", "_buffers"):
+            state[name] = None
+        state["_dali"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
         mode = "train" if self.train else (f"eval, {self.clips_per_video} clips x "
                                            f"{self.views} views")
         return (f"ClipLoader({self.source!r}, {mode}, batch_size={self.batch_size}, "
                 f"shard {self.shard_id}/{self.num_shards}, {len(self)} batches)")
+
+
+def _make_in_worker(loader: ClipLoader, items: list[_Item], out: tuple[torch.Tensor, ...],
+                    bad: Sequence[int]) -> tuple[list[_Item] | None, list[tuple[int, str, str]]]:
+    """One batch in a worker process (:class:`vidconv.data.workers.ProcessWorkers`): the
+    clips into ``out`` (a CUDA loader's uint8 slot) or the model input into ``out`` (CPU);
+    returns the items kept and the bad videos found."""
+    loader._bad.update(bad)
+    loader._found_bad = found = []
+    cuda = loader.device.type == "cuda"
+    if cuda:
+        clips = out[0].numpy()
+    else:
+        size, frames = loader.spec.frame_size, len(loader.spec.frame_offsets)
+        shape = (loader.batch_size, frames, size, size, 3)
+        if loader._scratch is None or loader._scratch.shape != shape:
+            loader._scratch = np.empty(shape, dtype=np.uint8)
+        clips = loader._scratch
+    gathered = loader._gather(items, out=clips)
+    if gathered is None:
+        return None, found
+    clips_u8, kept = gathered
+    if not cuda:
+        n = len(kept)
+        loader._finish(clips_u8, kept, out=(out[0][:n], out[1][:n]) if loader.spec.multires
+                       else out[0][:n])
+    return kept, found
 
 
 def _per_class(source: Any) -> dict[str, int]:

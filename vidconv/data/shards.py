@@ -588,6 +588,17 @@ class PreparedSource:
         self._frame_tables: dict[int, dict[str, list[list[int]]]] = {}
         self._dali: dict[str, DaliJpegDecoder] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A loader's worker process gets a copy: no lock or DALI decoders of this process.
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        state["_dali"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _shard_label(self, number: int) -> str:
         return str(self._shards[number])
 

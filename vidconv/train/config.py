@@ -10,6 +10,8 @@ from typing import Any
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("plateau", "cosine", "constant")
+# vidconv.data.loader.WORKER_TYPES, spelled out so that the config imports no loader.
+WORKER_TYPES = ("thread", "process")
 FINETUNE_MODES = ("top", "top3", "all", "scratch")
 FLOAT_FIELDS = ("width", "dropout", "lr", "momentum", "weight_decay", "lr_factor", "grad_clip",
                 "keep_prob")
@@ -60,6 +62,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     workers: int = 0
+    worker_type: str = "thread"
     backend: str = "auto"
     progress: bool = True
     resume: bool = False
@@ -99,6 +102,9 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.worker_type not in WORKER_TYPES:
+            raise ValueError(f"worker_type must be one of {WORKER_TYPES}, got "
+                             f"{self.worker_type!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         for name in ("batch_size", "epochs", "checkpoint_every", "log_every", "patience"):

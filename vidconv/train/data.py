@@ -28,13 +28,14 @@ def open_data(data: str, root: str | None = None) -> Any:
 def make_loader(source: Any, spec: ClipSpec, *, batch_size: int, train: bool,
                 device: torch.device | str, backend: str = "auto", seed: int = 0,
                 clips_per_video: int = 20, views: int = 1, shard_id: int | None = None,
-                num_shards: int | None = None, workers: int = 0) -> Any:
+                num_shards: int | None = None, workers: int = 0,
+                worker_type: str = "thread") -> Any:
     from vidconv.data import ClipLoader
 
     return ClipLoader(source, spec, batch_size=batch_size, train=train,
                       clips_per_video=clips_per_video, views=views, device=str(device),
                       backend=backend, seed=seed, shard_id=shard_id, num_shards=num_shards,
-                      strict=False, num_workers=workers)
+                      strict=False, num_workers=workers, worker_type=worker_type)
 
 
 def loader_report(loader: Any) -> dict[str, Any] | None:

@@ -99,7 +99,8 @@ class Trainer:
             self.source, self.model.spec, batch_size=config.batch_size, train=True,
             device=self.device, backend=config.backend, seed=config.seed,
             shard_id=self.rank if self.world > 1 else None,
-            num_shards=self.world if self.world > 1 else None, workers=config.workers)
+            num_shards=self.world if self.world > 1 else None, workers=config.workers,
+            worker_type=config.worker_type)
         # Shards may differ by a batch; every rank must run the same number of steps or DDP's
         # all-reduce hangs.
         steps_per_epoch = int(self.group.agree(len(self.loader), "min"))

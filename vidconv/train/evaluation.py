@@ -103,6 +103,7 @@ def evaluate(
     progress: bool = True,
     backend: str = "auto",
     workers: int = 0,
+    worker_type: str = "thread",
 ) -> dict[str, Any]:
     """Evaluate a model (or a checkpoint path) on a dataset with the paper's protocol: `clips`
     evenly spaced clips per video, each in `views` crops/flips, class scores averaged per video.
@@ -148,7 +149,8 @@ def evaluate(
 
     loader = train_data.make_loader(source, model.spec, batch_size=batch_size, train=False,
                                     device=dev, backend=backend, clips_per_video=clips,
-                                    views=views, workers=workers)
+                                    views=views, workers=workers,
+                                    worker_type=worker_type)
     channels_last = dev.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
