@@ -254,7 +254,7 @@ def test_batches_equal_reference_preprocessing(dataset: Path) -> None:
         assert int(batch.video_index[n]) == item.video
 
 
-@pytest.mark.parametrize("size", [170, 16, 17, 47])
+@pytest.mark.parametrize("size", [170, 16, 17, 24, 31, 32, 47])
 def test_loader_preprocessing_bits_on_both_cpu_paths(size: int,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The loader's crop_normalize on the CPU (float32, 16-pixel vector rows where the CPU has
@@ -285,6 +285,14 @@ def test_loader_preprocessing_bits_on_both_cpu_paths(size: int,
         fovea, _ = fovea_context(clips, size, offsets=offsets, flip=flips, mean=mean, std=std)
         assert torch.equal(out, expected), f"VIDCONV_CPU_SIMD={simd}"
         assert torch.equal(fovea, expected), f"VIDCONV_CPU_SIMD={simd}"
+        # Into memory starting off 32-byte alignment by every float offset: the vector steps
+        # choose their aligned run per row, and must still write each value once, right.
+        for shift in range(8):
+            flat = torch.full((expected.numel() + 8,), float("nan"))
+            into = flat[shift:shift + expected.numel()].view(expected.shape)
+            crop_normalize(clips, size, offsets=offsets, flip=flips, mean=mean, std=std,
+                           out=into)
+            assert torch.equal(into, expected), f"VIDCONV_CPU_SIMD={simd}, shift {shift}"
 
 
 def test_flip_and_crop_move_content(tmp_path: Path) -> None:

@@ -78,12 +78,35 @@ struct DeinterleaveMasks {
   }
 };
 
-// One fovea row of float32 planar output (AVX2, 16 pixels a step; the tail by the table):
-// (float(v) - mean) * inv_std in the same two IEEE steps as make_lut, so the same bits as the
-// table, which gathers a byte and a float per element and runs several times slower.
+// 16 pixels of one fovea row of float32 planar output (AVX2): output pixels j..j+15 read input
+// pixels j..j+15, or S-1-j down to S-16-j under flip. (float(v) - mean) * inv_std in the same
+// two IEEE steps as make_lut, so the same bits as the table.
+__attribute__((target("avx2"), always_inline)) inline void fovea_step_f32_avx2(
+    const uint8_t* src, int64_t S, bool flip, float* dst, int64_t s_c, int64_t j,
+    const __m128i (&mk)[3][3], const __m256 (&mv)[3], const __m256 (&iv)[3]) {
+  const uint8_t* p = src + 3 * (flip ? S - 16 - j : j);
+  const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+  const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32));
+  for (int c = 0; c < 3; ++c) {
+    const __m128i v = _mm_or_si128(
+        _mm_or_si128(_mm_shuffle_epi8(a, mk[c][0]), _mm_shuffle_epi8(b, mk[c][1])),
+        _mm_shuffle_epi8(d, mk[c][2]));
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+    float* out = dst + c * s_c + j;
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_sub_ps(lo, mv[c]), iv[c]));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_sub_ps(hi, mv[c]), iv[c]));
+  }
+}
+
+// One fovea row (S >= 16) of float32 planar output, 16 pixels a step and no scalar tail: a
+// step at 0, then steps whose stores are 32-byte aligned in the first plane (rows are S floats
+// apart, so most start off alignment, and a store across a cache line costs about two), then
+// one ending at S. Overlapping steps write the same values twice.
 __attribute__((target("avx2"))) void fovea_row_f32_avx2(
     const uint8_t* src, int64_t S, bool flip, float* dst, int64_t s_c,
-    const std::array<float, 3>& mean, const std::array<float, 3>& inv_std, const float* lut) {
+    const std::array<float, 3>& mean, const std::array<float, 3>& inv_std) {
   static const DeinterleaveMasks masks;
   const int f = flip ? 1 : 0;
   __m128i mk[3][3];
@@ -95,29 +118,17 @@ __attribute__((target("avx2"))) void fovea_row_f32_avx2(
     mv[c] = _mm256_set1_ps(mean[c]);
     iv[c] = _mm256_set1_ps(inv_std[c]);
   }
-  int64_t j = 0;
-  for (; j + 16 <= S; j += 16) {
-    // Output pixels j..j+15 read input pixels j..j+15, or S-1-j down to S-16-j under flip.
-    const uint8_t* p = src + 3 * (flip ? S - 16 - j : j);
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
-    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32));
-    for (int c = 0; c < 3; ++c) {
-      const __m128i v = _mm_or_si128(
-          _mm_or_si128(_mm_shuffle_epi8(a, mk[c][0]), _mm_shuffle_epi8(b, mk[c][1])),
-          _mm_shuffle_epi8(d, mk[c][2]));
-      const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-      const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
-      float* out = dst + c * s_c + j;
-      _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_sub_ps(lo, mv[c]), iv[c]));
-      _mm256_storeu_ps(out + 8, _mm256_mul_ps(_mm256_sub_ps(hi, mv[c]), iv[c]));
-    }
+  fovea_step_f32_avx2(src, S, flip, dst, s_c, 0, mk, mv, iv);
+  int64_t j = static_cast<int64_t>((32 - (reinterpret_cast<uintptr_t>(dst) & 31)) & 31) /
+              static_cast<int64_t>(sizeof(float));
+  if (j == 0) {
+    j = 16;
   }
-  for (; j < S; ++j) {
-    const uint8_t* px = src + 3 * (flip ? S - 1 - j : j);
-    for (int c = 0; c < 3; ++c) {
-      dst[c * s_c + j] = lut[256 * c + px[c]];
-    }
+  for (; j + 16 <= S; j += 16) {
+    fovea_step_f32_avx2(src, S, flip, dst, s_c, j, mk, mv, iv);
+  }
+  if (j < S) {
+    fovea_step_f32_avx2(src, S, flip, dst, s_c, S - 16, mk, mv, iv);
   }
 }
 
@@ -176,8 +187,7 @@ void fovea_context_kernel(const uint8_t* in, const Geometry& g, const int64_t* o
 #ifdef VIDCONV_X86_SIMD
       if constexpr (std::is_same_v<scalar_t, float> && !kChannelsLast) {
         if (simd_rows) {
-          fovea_row_f32_avx2(src, S, flip, fovea + out_row, s_c, mean, inv_std,
-                             fovea_lut.data());
+          fovea_row_f32_avx2(src, S, flip, fovea + out_row, s_c, mean, inv_std);
         }
       }
 #endif
