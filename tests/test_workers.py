@@ -92,17 +92,17 @@ def test_every_start_method(prepared: Path, start_method: str) -> None:
             _same(list(ClipLoader(prepared, SPEC, **kw)), list(procs))
 
 
-def _damage(prepared: Path, out: Path, sample: int) -> None:
-    """Corrupts two frames of a sample so that every 10-frame clip of it fails its CRC."""
+def _damage(prepared: Path, out: Path, sample: int, frames: tuple[int, ...] = (9, 14)) -> None:
+    """Corrupts frames of a sample; the default two make every 10-frame clip of it fail."""
     shutil.copytree(prepared, out)
     index = json.loads((out / "index.json").read_text())
     s = index["samples"][sample]
     shard = index["shards"][s["shard"]]
     table = json.loads((out / shard["table"]).read_text())
-    frames = next(t["frames"] for t in table["samples"] if t["key"] == s["key"])
+    where = next(t["frames"] for t in table["samples"] if t["key"] == s["key"])
     with open(out / shard["name"], "r+b") as f:
-        for i in (9, 14):
-            offset, size, _ = frames[i]
+        for i in frames:
+            offset, size, _ = where[i]
             f.seek(offset + size // 2)
             f.write(b"\x00\x13\x37\x00")
 
@@ -153,8 +153,12 @@ def test_an_exception_that_cannot_be_pickled_arrives_with_its_traceback(
         warnings.simplefilter("ignore", DeprecationWarning)
         with ClipLoader(prepared, SPEC, batch_size=4, cache_bytes=0, num_workers=1,
                         worker_type="process", start_method="fork") as procs:
-            with pytest.raises(WorkerError, match="(?s)raised:.*Unpicklable.*the decoder blew up"):
+            with pytest.raises(WorkerError, match="raised Unpicklable: the decoder blew up") \
+                    as raised:
                 list(procs)
+    cause = raised.value.__cause__
+    assert isinstance(cause, WorkerError) and "Traceback" in str(cause) \
+        and "in broken" in str(cause)
 
 
 def test_a_killed_worker_is_an_error_naming_it_not_a_hang(prepared: Path) -> None:
@@ -241,3 +245,52 @@ def test_train_and_evaluate_with_worker_processes(prepared: Path, tmp_path: Path
         main(["train", str(prepared), "--out", str(tmp_path / "r2"), "--worker-type", "x"])
     assert exited.value.code == 2
     assert "invalid choice: 'x'" in capsys.readouterr().err
+
+
+def test_one_iteration_at_a_time_and_kept_batches_in_ordinary_memory(prepared: Path) -> None:
+    kw = dict(batch_size=1, seed=9, cache_bytes=0)
+    expected = list(ClipLoader(prepared, SPEC, **kw))
+    with ClipLoader(prepared, SPEC, num_workers=2, worker_type="process", **kw) as procs:
+        first = iter(procs)
+        next(first)
+        _same(expected, list(procs))  # a second iteration supersedes the first
+        with pytest.raises(RuntimeError, match="serves one iteration at a time"):
+            next(first)
+        kept = list(procs)
+        _same(expected, kept)
+        capacity = 2 * 2 + 2
+        # Batches beyond the kept slots were copied out of shared memory.
+        assert sum(b.inputs.is_shared() for b in kept) <= capacity < len(kept)
+    with ClipLoader(prepared, SPEC, num_workers=2, worker_type="process", reuse_buffers=False,
+                    **kw) as fresh:
+        got = list(fresh)
+        _same(expected, got)
+        assert not any(b.inputs.is_shared() for b in got)
+
+
+def test_bad_videos_are_reported_and_left_out_as_one_after_another(prepared: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "damaged"
+    _damage(prepared, out, sample=1, frames=(9,))
+    # Eval, one clip per batch: the clips of video 1 start at frames 0, 7 and 14, so the first
+    # two fail and the last decodes. Made one after another, the first failure leaves the
+    # video out from then on; with three workers the last clip is decoded by a worker that
+    # has not heard of it yet, and must still be left out.
+    kw = dict(batch_size=1, train=False, clips_per_video=3, views=1, seed=1, cache_bytes=0)
+    with pytest.warns(Warning, match="CRC-32"):
+        expected = list(ClipLoader(out, SPEC, **kw))
+    assert sum(int(b.video_index) == 1 for b in expected) == 0
+    with ClipLoader(out, SPEC, num_workers=3, worker_type="process", **kw) as procs:
+        with pytest.warns(Warning, match="CRC-32"):
+            _same(expected, list(procs))
+    # Found in a batch that is never yielded (the iteration is dropped first): still reported.
+    with ClipLoader(out, SPEC, num_workers=1, worker_type="process", **kw) as procs:
+        with pytest.warns(Warning, match="CRC-32"):
+            it = iter(procs)
+            next(it)
+            next(it)
+            time.sleep(1.0)  # let the worker reach the damaged clips
+            it.close()
+            list(procs)
+        assert [s.index for s in procs.report.skipped] == [1]
+        assert procs.report.num_usable == procs.report.num_videos - 1

@@ -248,7 +248,11 @@ class ClipLoader:
             GPU (DALI's NVDEC and nvJPEG paths, torchcodec on CUDA) need threads. For a CUDA
             ``device`` the workers hand over uint8 clips and the crop and normalisation run on
             the GPU. Each worker keeps its own whole-video cache (up to ``cache_bytes`` each)
-            when the cache is used. Same batches as threads.
+            when the cache is used. The batches are those of ``num_workers=0``, bad videos
+            included (a video found bad is left out of every later batch). Batches live in
+            shared memory that is written again once nothing refers to it (``reuse_buffers``):
+            clone a batch before sending it on to another process. One iteration at a time
+            per loader: starting a second one makes the first raise if resumed.
         start_method: how worker processes start: "forkserver" (default), "spawn" or "fork"
             (see :class:`vidconv.data.workers.ProcessWorkers`).
         cache_bytes: memory for whole decoded videos (default: ``VIDCONV_CACHE_BYTES`` or
@@ -257,8 +261,9 @@ class ClipLoader:
             that nothing refers to any more (no tensor, view or array of it is alive; see
             :mod:`vidconv.data.buffers`) instead of fresh memory, whose pages the kernel would
             fault in and zero first. A batch you keep stays as it is. The loader holds up
-            to ``num_workers + 3`` batches' inputs (twice that for multires) for its lifetime.
-            False: fresh tensors.
+            to ``num_workers + 3`` batches' inputs (twice that for multires) for its lifetime;
+            worker processes ``2 * num_workers + 2`` shared-memory batches. False: fresh
+            tensors.
 
     Raises:
         ValueError / TypeError: a bad argument (named); FileNotFoundError: a missing source.
@@ -329,6 +334,7 @@ class ClipLoader:
         self.strict = bool(strict)
         self.num_workers = num_workers
         self.worker_type = worker_type
+        self._reuse_buffers = bool(reuse_buffers)
         self.start_method = start_method
         self._workers: ProcessWorkers | None = None
         # In a worker process: the bad videos it found, for the loader to report.
@@ -530,7 +536,9 @@ class ClipLoader:
             from vidconv.data.dali import DaliDecoder
 
             dev = self.device if backend == "dali-gpu" else torch.device("cpu")
-            dec = DaliDecoder(dev, threads=max(1, self.num_workers))
+            # In a worker process the worker count is the parallelism: one thread each.
+            threads = 1 if self._found_bad is not None else max(1, self.num_workers)
+            dec = DaliDecoder(dev, threads=threads)
             self._dali[backend] = dec
         return dec
 
@@ -788,13 +796,28 @@ class ClipLoader:
                    ((self.input_shape(self.batch_size),) * (2 if self.spec.multires else 1),
                     torch.float32))
             self._workers = ProcessWorkers(self, self.num_workers, self.start_method, key,
-                                           _make_in_worker)
-        for (kept, found_bad), tensors in self._workers.run(chunks,
-                                                            bad=lambda: sorted(self._bad)):
-            for index, reason, stage in found_bad:
+                                           _make_in_worker, reuse=self._reuse_buffers)
+
+        def report(result: tuple) -> None:
+            for index, reason, stage in result[1]:
                 self._skip(index, reason, stage)
+
+        for result, tensors in self._workers.run(chunks, bad=lambda: sorted(self._bad),
+                                                 unseen=report):
+            report(result)
+            kept = result[0]
             if kept is None:
                 continue
+            # A video found bad in an earlier batch by another worker: its clips here are
+            # left out too, as they would be had the batches been made one after another.
+            keep = [k for k, it in enumerate(kept) if it.video not in self._bad]
+            if not keep:
+                continue
+            if len(keep) < len(kept):
+                for k, j in enumerate(keep):
+                    for t in tensors:
+                        t[k] = t[j]
+                kept = [kept[j] for j in keep]
             n = len(kept)
             if self.device.type == "cuda":
                 yield self._finish(tensors[0][:n], kept)

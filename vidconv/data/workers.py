@@ -15,14 +15,19 @@ below what the cores can decode. :class:`ProcessWorkers` runs the batch-making h
 - Batches come back through shared memory the loader allocates once and reuses (a *slot*
   per batch in flight), never through a pipe. On the CPU a worker writes the finished model
   input; for a CUDA loader it writes the uint8 clips, and the loader moves and preprocesses
-  them on the GPU (workers never touch CUDA). A slot is written again only when nothing the
-  caller holds refers to it, tested like :class:`~vidconv.data.buffers.BufferPool`'s buffers;
-  a caller that keeps every batch makes the loader allocate more slots, not overwrite them.
+  them on the GPU (workers never touch CUDA). A slot is written again only when nothing in
+  this process refers to it, tested like :class:`~vidconv.data.buffers.BufferPool`'s
+  buffers. A caller that keeps more batches than there are slots gets the extra ones copied
+  into ordinary memory, so that no shared segment (and file descriptor) stays open per kept
+  batch. Another process cannot be seen holding a slot: clone a batch before sending it on.
 - A bad video found by a worker is reported by the loader as if found there (warning, report,
-  ``strict``); an exception in a worker is raised by the loader; a worker that dies (killed,
-  out of memory) makes the loader raise an error naming it instead of waiting for ever, and
-  the next iteration starts new workers. Workers ignore Ctrl-C (the loader's process handles
-  it) and exit when the loader is closed or garbage collected, or when its process dies.
+  ``strict``), also when its batch is never yielded; an exception in a worker is raised by
+  the loader, chained to the worker's traceback; a worker that dies (killed, out of memory)
+  makes the loader raise an error naming it instead of waiting for ever, and the next
+  iteration starts new workers. Tasks of an abandoned iteration are skipped, not decoded.
+- Workers ignore Ctrl-C and SIGTERM (sent to the whole process group; the loader's process
+  decides, e.g. a trainer checkpoints first) and exit when the loader is closed or garbage
+  collected, or when its process dies.
 """
 
 from __future__ import annotations
@@ -55,16 +60,20 @@ class WorkerError(RuntimeError):
 @dataclass
 class _Slot:
     """Shared memory for one batch in flight: the tensors a worker writes and their storages'
-    reference counts when only this slot holds them."""
+    reference counts when only this slot holds them (None where torch does not expose them:
+    such a slot is never reused)."""
 
     key: tuple
     tensors: tuple[torch.Tensor, ...]
     idle: tuple[tuple[int, int] | None, ...]
     busy: bool = False
 
+    def reusable(self) -> bool:
+        return all(c is not None for c in self.idle)
+
     def free(self) -> bool:
-        return not self.busy and all(storage_references(t) == c
-                                     for t, c in zip(self.tensors, self.idle, strict=True))
+        return not self.busy and self.reusable() and all(
+            storage_references(t) == c for t, c in zip(self.tensors, self.idle, strict=True))
 
 
 def _make_slot(key: tuple) -> _Slot:
@@ -81,41 +90,54 @@ class ProcessWorkers:
     Args:
         loader: what every worker gets a copy of (pickled, except with ``fork``).
         count: worker processes.
-        start_method: "forkserver" (default: safe in a process that has threads or CUDA, and
-            the server imports torch once for all workers), "spawn" or "fork" (fastest start;
+        start_method: "forkserver" (default: safe in a process that has threads or CUDA; the
+            server imports torch once for all workers), "spawn" or "fork" (fastest start;
             unsafe once the process uses CUDA or holds locks in other threads).
         slot_key: (shapes, dtype) of the tensors of a batch's slot.
         make: runs in the worker: fills the slot tensors ``out`` for ``items`` and returns
             a picklable result; ``bad`` lists videos already known to be unusable.
         depth: batches in flight (default: two per worker).
+        reuse: keep slots and write them again once free (False: every batch gets fresh
+            shared memory, handed to the caller as ordinary memory).
+
+    One iteration (:meth:`run`) at a time: starting another supersedes the one in progress,
+    which raises if resumed.
     """
 
-    def __init__(self, loader: Any, count: int, start_method: str,
-                 slot_key: tuple, make: Callable[..., Any], depth: int | None = None) -> None:
+    def __init__(self, loader: Any, count: int, start_method: str, slot_key: tuple,
+                 make: Callable[..., Any], depth: int | None = None, reuse: bool = True) -> None:
         if start_method not in START_METHODS:
             raise ValueError(f"start_method must be one of {START_METHODS}, got "
                              f"{start_method!r}")
         ctx = mp.get_context(start_method)
         if start_method == "forkserver":
-            ctx.set_forkserver_preload(["torch", "vidconv.data.loader"])
+            # The default list ("__main__") plus what every worker imports anyway, once.
+            ctx.set_forkserver_preload(["__main__", "torch", "vidconv.data.loader"])
         self.count = count
         self.depth = 2 * count if depth is None else depth
         # Slots kept: those in flight, the batch the caller holds and the one it let go of.
-        self._capacity = self.depth + 2
+        self._capacity = self.depth + 2 if reuse else 0
         self._slot_key = slot_key
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(count)]
+        # The iteration being served: workers skip tasks of earlier ones (abandoned half way).
+        self._current = ctx.Value("q", 0, lock=False)
         self._procs = [ctx.Process(target=_worker_main, name=f"vidconv-data-{i}", daemon=True,
-                                   args=(i, loader, make, self._tasks[i], self._results))
+                                   args=(i, loader, make, self._tasks[i], self._results,
+                                         self._current))
                        for i in range(count)]
-        for p in self._procs:
-            p.start()
+        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._tasks,
+                                           self._results)
+        try:
+            for p in self._procs:
+                p.start()
+        except BaseException:
+            self.close()
+            raise
         self._slots: list[_Slot] = []
         self._known: list[set[int]] = [set() for _ in range(count)]  # slot ids each worker has
         self._generation = 0
         self.broken = False
-        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._tasks,
-                                           self._results)
 
     def alive(self) -> bool:
         return not self.broken and all(p.is_alive() for p in self._procs)
@@ -124,33 +146,40 @@ class ProcessWorkers:
         return [p.pid for p in self._procs if p.is_alive()]
 
     def close(self) -> None:
-        """Stop the workers (waits up to a few seconds, then terminates them)."""
+        """Stop the workers (waits up to a few seconds, then kills them)."""
         self._finalizer()
 
     def _take_slot(self) -> tuple[int, _Slot]:
         """A free slot (its id), else a new one: kept while there is room (id >= 0), else a
-        one-off (id -1) that no worker keeps, so its memory goes when the caller lets go."""
+        one-off (id -1) that no worker keeps and the caller gets a copy of."""
         for i, slot in enumerate(self._slots):
             if slot.key == self._slot_key and slot.free():
                 slot.busy = True
                 return i, slot
         slot = _make_slot(self._slot_key)
         slot.busy = True
-        if len(self._slots) >= self._capacity:
+        if len(self._slots) >= self._capacity or not slot.reusable():
             return -1, slot
         self._slots.append(slot)
         return len(self._slots) - 1, slot
 
-    def run(self, chunks: Iterable[Sequence[Any]], bad: Callable[[], Sequence[int]]
-            ) -> Iterator[tuple[Any, tuple[torch.Tensor, ...]]]:
+    def _free(self, slot_id: int) -> None:
+        if slot_id >= 0:
+            self._slots[slot_id].busy = False
+
+    def run(self, chunks: Iterable[Sequence[Any]], bad: Callable[[], Sequence[int]],
+            unseen: Callable[[Any], None]) -> Iterator[tuple[Any, tuple[torch.Tensor, ...]]]:
         """(result, slot tensors) per chunk, in order, with up to ``depth`` chunks in flight;
         ``bad()`` is sent with each chunk. The tensors stay the caller's until nothing refers
-        to them any more. An exception raised by ``make`` is raised here."""
+        to them any more. A result that is never yielded (an iteration abandoned, superseded
+        or ended by an error) goes to ``unseen``. An exception raised by ``make`` is raised
+        here, chained to the worker's traceback."""
         self._generation += 1
         generation = self._generation
+        self._current.value = generation
         todo = enumerate(chunks)
-        pending: dict[int, _Slot] = {}  # sequence number -> its slot, in flight
-        done: dict[int, tuple] = {}     # results that came before their turn
+        pending: dict[int, tuple[int, _Slot]] = {}  # sequence number -> its slot, in flight
+        done: dict[int, tuple] = {}                 # results that came before their turn
         next_out = 0
 
         def submit() -> None:
@@ -161,41 +190,64 @@ class ProcessWorkers:
             worker = seq % self.count
             slot_id, slot = self._take_slot()
             tensors = None if slot_id in self._known[worker] else slot.tensors
+            try:
+                self._tasks[worker].put((generation, seq, list(chunk), tuple(bad()), slot_id,
+                                         tensors))
+            except BaseException:
+                slot.busy = False
+                raise
             if slot_id >= 0:
                 self._known[worker].add(slot_id)
-            self._tasks[worker].put((generation, seq, list(chunk), tuple(bad()), slot_id,
-                                     tensors))
-            pending[seq] = slot
+            pending[seq] = slot_id, slot
 
         try:
             for _ in range(self.depth):
                 submit()
             while pending:
                 while next_out not in done:
-                    message = self._receive(next_out)
+                    message = self._receive(next_out, generation)
                     if message[1] != generation:
-                        # Left over from an iteration abandoned half way: its slot is free.
-                        if message[3] >= 0:
-                            self._slots[message[3]].busy = False
+                        # Left over from an earlier iteration: its slot is free again, and a
+                        # bad video it found is still news.
+                        self._free(message[3])
+                        if message[0] == "ok":
+                            unseen(message[4])
                         continue
                     done[message[2]] = message
                 kind, payload = done.pop(next_out)[0::4]
-                slot = pending.pop(next_out)
+                slot_id, slot = pending.pop(next_out)
                 next_out += 1
-                # Before the slot is free: the caller has no view of it yet.
-                submit()
-                slot.busy = False
+                try:
+                    submit()  # before the slot is free: the caller has no view of it yet
+                finally:
+                    slot.busy = False
                 if kind == "error":
-                    raise payload
-                yield payload, slot.tensors
+                    exc, text = payload
+                    raise exc from WorkerError(f"in the loader's worker process:\n{text}")
+                if slot_id < 0:
+                    # A one-off slot: the caller gets ordinary memory, the shared segment
+                    # (and its file descriptor) goes now.
+                    yield payload, tuple(t.clone() for t in slot.tensors)
+                else:
+                    yield payload, slot.tensors
         finally:
-            # Results already here free their slots now; those still in flight when they
-            # arrive (their generation is stale by then).
-            for seq in done:
-                pending.pop(seq).busy = False
+            if self._generation == generation:
+                # Ended early (abandoned, or an error): workers skip what is still queued.
+                self._generation += 1
+                self._current.value = self._generation
+            for seq, message in done.items():
+                self._free(pending.pop(seq)[0])
+                if message[0] == "ok":
+                    unseen(message[4])
+            # Results still in flight free their slots when they arrive (stale by then).
 
-    def _receive(self, seq: int) -> tuple:
+    def _receive(self, seq: int, generation: int) -> tuple:
         while True:
+            if self._generation != generation:
+                raise RuntimeError("vidconv.data: a newer iteration over this loader started "
+                                   "while this one was paused; with worker processes a loader "
+                                   "serves one iteration at a time (finish or drop the first, "
+                                   "or use a second loader)")
             try:
                 return self._results.get(timeout=_POLL_SECONDS)
             except queue.Empty:
@@ -221,9 +273,11 @@ def _shutdown(procs: list, tasks: list, results: Any) -> None:
         except (OSError, ValueError):
             pass
     for p in procs:
+        if p.pid is None:
+            continue  # never started
         p.join(timeout=5)
         if p.is_alive():
-            p.terminate()
+            p.kill()  # workers ignore SIGINT and SIGTERM
             p.join(timeout=5)
     for q in [*tasks, results]:
         q.close()
@@ -231,9 +285,11 @@ def _shutdown(procs: list, tasks: list, results: Any) -> None:
 
 
 def _worker_main(worker: int, loader: Any, make: Callable[..., Any], tasks: Any,
-                 results: Any) -> None:
-    # Ctrl-C reaches the whole process group: the loader's process decides what happens.
+                 results: Any, current: Any) -> None:
+    # Ctrl-C and a job scheduler's SIGTERM reach the whole process group: the loader's process
+    # decides what happens (a trainer checkpoints first), and closes the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # One core per worker: the worker count is the parallelism.
     torch.set_num_threads(1)
     parent = mp.parent_process()
@@ -251,24 +307,29 @@ def _worker_main(worker: int, loader: Any, make: Callable[..., Any], tasks: Any,
         if tensors is not None and slot_id >= 0:
             slots[slot_id] = tensors  # kept: later tasks name it by id only
         out = tensors if slot_id < 0 else slots[slot_id]
-        try:
-            result = ("ok", generation, seq, slot_id, make(loader, items, out, bad))
-        except BaseException as exc:  # noqa: BLE001  (sent back and raised by the loader)
-            result = ("error", generation, seq, slot_id, _sendable(exc, worker))
+        if generation < current.value:
+            # Its iteration was abandoned: answer at once, so that the slot comes back.
+            result: tuple = ("skipped", generation, seq, slot_id, None)
+        else:
+            try:
+                result = ("ok", generation, seq, slot_id, make(loader, items, out, bad))
+            except BaseException as exc:  # noqa: BLE001  (sent back and raised by the loader)
+                result = ("error", generation, seq, slot_id, _sendable(exc, worker))
         # A one-off slot's memory must not stay mapped here once the loader has it back.
         del task, tensors, out
         results.put(result)
         del result
 
 
-def _sendable(exc: BaseException, worker: int) -> BaseException:
-    """``exc`` if it survives pickling, else a WorkerError carrying its traceback."""
+def _sendable(exc: BaseException, worker: int) -> tuple[BaseException, str]:
+    """``exc`` (or, if it does not survive pickling, a WorkerError naming it) and the worker's
+    traceback text."""
     import pickle
 
+    text = "".join(traceback.format_exception(exc))
     try:
         pickle.loads(pickle.dumps(exc))
-        return exc
+        return exc, text
     except Exception:  # noqa: BLE001
-        text = "".join(traceback.format_exception(exc))
         return WorkerError(f"vidconv.data: loader worker process {worker} (pid {os.getpid()}) "
-                           f"raised:\n{text}")
+                           f"raised {type(exc).__name__}: {exc}"), text
