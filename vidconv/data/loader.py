@@ -342,7 +342,9 @@ class ClipLoader:
         self._scratch: np.ndarray | None = None
         # Enough buffers for the batches in flight (one per worker, plus the one being made),
         # the one the caller holds and the one it has just let go of; two per multires batch.
-        self._buffers = BufferPool((num_workers + 3) * (2 if spec.multires else 1)) \
+        # Plus the uint8 clips of each batch being decoded.
+        self._buffers = BufferPool((num_workers + 3) * (2 if spec.multires else 1)
+                                   + num_workers + 1) \
             if reuse_buffers and device.type == "cpu" else None
         self.shard_id, self.num_shards = _shards(shard_id, num_shards)
         node_part = getattr(self.source, "rank_split", None)
@@ -645,7 +647,14 @@ class ClipLoader:
                    or (on_gpu and backend_of.get(it.video) == "dali-jpeg") for it in items):
             size = self.spec.frame_size
             shape = (len(items), len(offsets), size, size, 3)
-            batch = np.empty(shape, dtype=np.uint8) if out is None else out[:len(items)]
+            if out is not None:
+                batch = out[:len(items)]
+            elif self._buffers is not None:
+                # Decoded straight into memory an earlier batch used: fresh memory would be
+                # faulted in page by page while the JPEG decoder writes it.
+                batch = self._buffers.take(shape, torch.uint8).numpy()
+            else:
+                batch = np.empty(shape, dtype=np.uint8)
         # A prepared video with one clip in the batch is decoded straight into its slot.
         slot_of: dict[int, int] = {}
         if batch is not None and self._cache is None:
