@@ -48,7 +48,13 @@ import _common  # noqa: E402
 
 import vidconv  # noqa: E402
 from vidconv.models import build, list_models  # noqa: E402
-from vidconv.ops import conv_plan, linear_plan, lrn_pool_plan, use_conv_algo  # noqa: E402
+from vidconv.ops import (  # noqa: E402
+    conv_plan,
+    linear_plan,
+    lrn_pool_plan,
+    pair_plan,
+    use_conv_algo,
+)
 
 MODES = ("forward", "train", "forward32", "train32")
 # Modes timed at the paper's batch of 32 whatever --batch-size says, and the step they time.
@@ -198,13 +204,19 @@ class Case:
         """One untimed step, in which st_conv3d, the LRN + max pool stages and the FC layers
         decide their algorithm for every layer the step meets; the tuning time those decisions
         took is added to the row."""
-        before = len(conv_plan()), len(lrn_pool_plan()), len(linear_plan())
+        before = (len(conv_plan()), len(lrn_pool_plan()), len(linear_plan()),
+                  len(pair_plan()))
         self.step(mode)()
         _common.synchronize(device)
         spent = (sum(d["tune_s"] for d in conv_plan()[before[0]:] if not d["from_cache"])
                  + sum(d["tune_s"] for d in lrn_pool_plan()[before[1]:])
                  + sum(d["tune_s"] for d in linear_plan()[before[2]:]))
         self.row["tune_s"] = self.row.get("tune_s", 0.0) + spent
+        # The multires stages' grouped-launch choices (CUDA only), apart: their time includes
+        # the two separate convolutions' own decisions, already counted above.
+        pairs = sum(d["tune_s"] for d in pair_plan()[before[3]:])
+        if pairs:
+            self.row["pair_tune_s"] = self.row.get("pair_tune_s", 0.0) + pairs
 
 
 def measure_mode(cases: list[Case], mode: str, device: torch.device, warmup: int,
@@ -426,6 +438,7 @@ def run(args: argparse.Namespace, plan_cache: str) -> int:
         "rows": rows, "summary": summary, "conv_plan": conv_plan(),
         "lrn_pool_plan": [{**d, "key": asdict(d["key"])} for d in lrn_pool_plan()],
         "linear_plan": [{**d, "key": asdict(d["key"])} for d in linear_plan()],
+        "pair_plan": [{**d, "key": asdict(d["key"])} for d in pair_plan()],
     }
     path = _common.write_json("speed", payload, args.json, device=device)
     if args.plot:

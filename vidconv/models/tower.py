@@ -20,6 +20,7 @@ from torch import nn
 
 from vidconv._extension import build_info
 from vidconv.nn import SpatioTemporalConv
+from vidconv.nn.conv import conv_pair
 from vidconv.ops import lrn_max_pool, lrn_pool
 
 # Local response normalisation across channels (the paper's "N"): size n=5, alpha=1e-4,
@@ -167,7 +168,10 @@ class Stage(nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+        return self.after_conv(self.conv(x))
+
+    def after_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's norm and pool (fused where measured faster) on ``conv``'s output."""
         # Under torch.compile the two modules are traced as they are (the compiler fuses them
         # itself, and nothing can be timed while tracing).
         fused = None if torch.compiler.is_compiling() else self._fusable(x)
@@ -244,3 +248,23 @@ class Tower(nn.Module):
         for name in self.layer_names:
             x = self._modules[name](x)  # type: ignore[misc]
         return x
+
+
+def twin_towers(tower0: Tower, tower1: Tower, x0: torch.Tensor,
+                x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tower0(x0), tower1(x1))`` for two towers of one layer table (the multires fovea and
+    context streams), stage by stage in step, so that each stage's two convolutions are one
+    :func:`~vidconv.nn.conv.conv_pair` (a grouped launch where measured faster). Stages with
+    hooks, or towers that differ, run as the modules they are."""
+    if tower0.layer_names != tower1.layer_names or _global_hooks() or any(
+            t._forward_hooks or t._forward_pre_hooks for t in (tower0, tower1)):
+        return tower0(x0), tower1(x1)
+    for name in tower0.layer_names:
+        stage0, stage1 = tower0._modules[name], tower1._modules[name]
+        if not (type(stage0) is Stage and type(stage1) is Stage) or any(
+                s._forward_hooks or s._forward_pre_hooks for s in (stage0, stage1)):
+            x0, x1 = stage0(x0), stage1(x1)  # type: ignore[misc]
+            continue
+        y0, y1 = conv_pair(stage0.conv, stage1.conv, x0, x1)
+        x0, x1 = stage0.after_conv(y0), stage1.after_conv(y1)
+    return x0, x1

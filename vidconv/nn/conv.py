@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidconv._extension import build_info
-from vidconv.ops import st_conv3d
+from vidconv.ops import st_conv3d, st_conv3d_pair
 from vidconv.ops._validate import INT32_MAX, INT64_MAX, expand_triple, expect_int
 
 _SizeArg = int | tuple[int, int, int]
@@ -178,11 +178,12 @@ class SpatioTemporalConv(nn.Conv3d):
                 return False  # F.conv3d's own error says the kernel does not fit
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_arguments(self, x: torch.Tensor) -> tuple | None:
+        """(x, weight, bias, padding) as st_conv3d takes them for this call (autocast's casts
+        applied), or None when the call goes through F.conv3d."""
         padding = self._fused_padding()
         if padding is None or not self._uses_fused(x, padding):
-            y = super().forward(x)
-            return F.relu(y) if self.relu else y
+            return None
         weight, bias = self.weight, self.bias
         device_type = x.device.type
         if device_type != "meta" and torch.is_autocast_enabled(device_type):
@@ -191,15 +192,62 @@ class SpatioTemporalConv(nn.Conv3d):
             cast_x, weight = _autocast(x, dtype), _autocast(weight, dtype)
             bias = _autocast(bias, dtype) if bias is not None else None
             if weight.dtype != cast_x.dtype or (bias is not None and bias.dtype != cast_x.dtype):
-                y = super().forward(x)  # mixed dtypes autocast does not reconcile: F's error
-                return F.relu(y) if self.relu else y
+                return None  # mixed dtypes autocast does not reconcile: F's error
             x = cast_x
-        y = st_conv3d(x, weight, bias, self.stride, padding, "relu" if self.relu else None)
+        return x, weight, bias, padding
+
+    def _unfused(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return F.relu(y) if self.relu else y
+
+    @staticmethod
+    def _as_conv3d_returns(x: torch.Tensor, weight: torch.Tensor,
+                           y: torch.Tensor) -> torch.Tensor:
         if x.is_contiguous() and weight.is_contiguous() and not y.is_contiguous():
             # nn.Conv3d gives contiguous output for contiguous input and weight, and code after
             # it may rely on that (x.view(n, -1)); the CUDA kernel writes channels_last_3d.
             y = y.contiguous()
         return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = self._fused_arguments(x)
+        if fused is None:
+            return self._unfused(x)
+        x, weight, bias, padding = fused
+        y = st_conv3d(x, weight, bias, self.stride, padding, "relu" if self.relu else None)
+        return self._as_conv3d_returns(x, weight, y)
+
+
+def conv_pair(conv0: nn.Module, conv1: nn.Module, x0: torch.Tensor,
+              x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(conv0(x0), conv1(x1))`` for two layers of one shape (the multires streams' twin
+    stages): one :func:`vidconv.ops.st_conv_pair.st_conv3d_pair` call, which runs them as one
+    grouped launch where that is measured faster. Layers that differ, calls that are not
+    st_conv3d's, and modules with hooks (which must see their own calls) run one by one."""
+    if not (type(conv0) is type(conv1) and isinstance(conv0, SpatioTemporalConv)
+            and _config(conv0) == _config(conv1) and not _has_hooks(conv0)
+            and not _has_hooks(conv1)):
+        return conv0(x0), conv1(x1)
+    a, b = conv0._fused_arguments(x0), conv1._fused_arguments(x1)
+    if a is None or b is None or a[0].shape != b[0].shape or a[0].dtype != b[0].dtype \
+            or a[1].shape != b[1].shape or a[1].dtype != b[1].dtype or a[3] != b[3]:
+        return conv0(x0), conv1(x1)
+    y0, y1 = st_conv3d_pair(a[0], a[1], a[2], b[0], b[1], b[2], conv0.stride, a[3],
+                            "relu" if conv0.relu else None)
+    return (SpatioTemporalConv._as_conv3d_returns(a[0], a[1], y0),
+            SpatioTemporalConv._as_conv3d_returns(b[0], b[1], y1))
+
+
+def _config(conv: SpatioTemporalConv) -> tuple:
+    return (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.padding_mode, conv.relu, conv.bias is None)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as module_mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
 
 def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

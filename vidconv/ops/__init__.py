@@ -16,8 +16,10 @@ from vidconv.ops.preprocess import (
     preprocess_plan,
 )
 from vidconv.ops.st_conv import st_conv3d
+from vidconv.ops.st_conv_pair import clear_pair_plan, pair_plan, st_conv3d_pair
 
 __all__ = ["DEFAULT_MEAN", "DEFAULT_STD", "clear_conv_plan", "clear_linear_plan",
-           "clear_lrn_pool_plan", "clear_preprocess_plan", "conv_plan", "crop_normalize",
-           "fovea_context", "linear", "linear_plan", "lrn_max_pool", "lrn_pool_plan",
-           "preprocess_plan", "st_conv3d", "use_conv_algo"]
+           "clear_lrn_pool_plan", "clear_pair_plan", "clear_preprocess_plan", "conv_plan",
+           "crop_normalize", "fovea_context", "linear", "linear_plan", "lrn_max_pool",
+           "lrn_pool_plan", "pair_plan", "preprocess_plan", "st_conv3d", "st_conv3d_pair",
+           "use_conv_algo"]

@@ -61,6 +61,15 @@ def st_conv3d(
     is 1, equal to the temporal stride or the whole clip, and on CUDA the hand-written
     implicit-GEMM kernel (csrc/cuda/st_conv3d_kernel.cu) in each of its tile configurations.
     """
+    stride_, padding_ = validate(x, weight, bias, stride, padding, activation)
+    return torch.ops.vidconv.st_conv3d(x, weight, bias, stride_, padding_, activation == "relu")
+
+
+def validate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+             stride: int | Sequence[int], padding: int | Sequence[int],
+             activation: str | None) -> tuple[list[int], list[int]]:
+    """st_conv3d's arguments checked (errors name the argument, expected and actual value);
+    returns the stride and padding as three ints each."""
     expect_tensor("x", x)
     expect_tensor("weight", weight)
     expect_ndim("x", x, (5,), "(N, C, T, H, W)")
@@ -97,7 +106,7 @@ def st_conv3d(
                 f"kernel extent {k} along {axis} does not fit x's {axis}={size} with padding "
                 f"{p}: x shape {tuple(x.shape)}, weight shape {tuple(weight.shape)}"
             )
-    return torch.ops.vidconv.st_conv3d(x, weight, bias, stride_, padding_, activation == "relu")
+    return stride_, padding_
 
 
 def _output_format(x: torch.Tensor) -> torch.memory_format:
