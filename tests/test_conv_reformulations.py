@@ -1,6 +1,6 @@
 """The exact reformulations of vidconv.ops.conv_algos that rearrange the problem for another engine:
-space-to-depth for spatially strided layers with few channels (the paper's conv1) and the input
-gradient of stride-1 layers as a forward convolution (conv2-conv5).
+space-to-depth for spatially strided layers with few channels (the paper's conv1), and the input
+and weight gradients of stride-1 layers as forward convolutions (conv2-conv5).
 
 Each candidate is checked the way the planner checks it (the same reference, drift and
 tolerance) and against float64, on every paper layer it applies to and on awkward shapes; the
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ALGOS = conv_algos.ALGORITHMS
 S2D = [n for n in ALGOS if n.startswith("s2d_")]
 DGRAD = [n for n in ALGOS if n.startswith("dgrad_as_fwd_")]
+WGRAD = [n for n in ALGOS if n.startswith("wgrad_as_fwd_")]
 CL3 = torch.channels_last_3d
 
 
@@ -336,6 +337,52 @@ def test_dgrad_as_forward_matches_reference_on_awkward_shapes(device, layer, dty
             _check(name, "input_grad", x, w, b, layer["stride"], layer["padding"])
 
 
+def test_wgrad_as_forward_applies_to_stride_1_weight_gradients_only():
+    p = _conv1_problem(c=96, k=256, h=27, w=27, kernel=(1, 5, 5), stride=(1, 1, 1),
+                       padding=(0, 2, 2))
+    # The gradient problem's temporal extent is T' = 1: the frame fold applies too.
+    assert _names(p, "wgrad_as_fwd_") == {
+        "wgrad_as_fwd_conv3d_ncdhw", "wgrad_as_fwd_conv3d_cl", "wgrad_as_fwd_conv2d_frames_nchw",
+        "wgrad_as_fwd_conv2d_frames_cl"}
+    for name in WGRAD:  # the weight gradient only
+        assert ALGOS[name].forward is None and ALGOS[name].input_grad is None
+        assert ALGOS[name].weight_grad is not None
+    # Strided layers (conv1; slow fusion's conv2, temporal stride 2) would need dilation.
+    assert not _names(_conv1_problem(), "wgrad_as_fwd_")
+    assert not _names(replace(p, kernel=(2, 5, 5), stride=(2, 1, 1), t=4), "wgrad_as_fwd_")
+    # Two output frames (T' = 2): 3D only.
+    assert _names(replace(p, kernel=(2, 3, 3), t=3, padding=(0, 1, 1)), "wgrad_as_fwd_") == {
+        "wgrad_as_fwd_conv3d_ncdhw", "wgrad_as_fwd_conv3d_cl"}
+
+
+def test_wgrad_as_forward_applies_on_every_paper_stride_1_layer():
+    for layer in PAPER_LAYERS:
+        x, w, _ = _tensors(layer, device="meta")
+        offered = _applying(WGRAD, "weight_grad", x, w, layer["stride"], layer["padding"])
+        assert bool(offered) == (layer["stride"] == (1, 1, 1)), (layer, offered)
+
+
+@pytest.mark.parametrize("layer", PAPER_STRIDE1, ids=_ids(PAPER_STRIDE1))
+def test_wgrad_as_forward_matches_reference_on_paper_layers(device, layer):
+    for x_format in (torch.contiguous_format, CL3):
+        x, w, b = _tensors(layer, device=device, x_format=x_format, n=2)
+        names = _applying(WGRAD, "weight_grad", x, w, layer["stride"], layer["padding"])
+        assert names
+        for name in names:
+            _check(name, "weight_grad", x, w, b, layer["stride"], layer["padding"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layer", AWKWARD_STRIDE1, ids=_ids(AWKWARD_STRIDE1))
+def test_wgrad_as_forward_matches_reference_on_awkward_shapes(device, layer, dtype):
+    for x_format in (torch.contiguous_format, CL3):
+        x, w, b = _tensors(layer, device=device, dtype=dtype, x_format=x_format, n=3, seed=6)
+        names = _applying(WGRAD, "weight_grad", x, w, layer["stride"], layer["padding"])
+        assert names
+        for name in names:
+            _check(name, "weight_grad", x, w, b, layer["stride"], layer["padding"])
+
+
 # ---- through the op and the planner -------------------------------------------------------------
 
 
@@ -357,7 +404,8 @@ def _grads(layer, monkeypatch, algo: str):
 def test_candidates_are_named_by_the_knob():
     names = conv_planner.algorithm_names()
     assert {"s2d_conv3d_cl", "s2d_conv2d_frames_cl", "dgrad_as_fwd_conv3d_cl",
-            "dgrad_as_fwd_conv2d_frames_cl"} <= set(names)
+            "dgrad_as_fwd_conv2d_frames_cl", "wgrad_as_fwd_conv3d_cl",
+            "wgrad_as_fwd_conv2d_frames_cl"} <= set(names)
 
 
 # A candidate of one direction forced on the others: the documented warning, then the reference.
@@ -441,7 +489,8 @@ def test_every_hand_written_kernel_becomes_an_engine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     made = {a.name: a for a in conv_algos._reformulations(_fake_kernels())}
     assert {"s2d_fused_64x64", "s2d_fused_sm90_128x128x64", "dgrad_as_fwd_fused_64x64",
-            "dgrad_as_fwd_fused_sm90_128x128x64"} <= set(made)
+            "dgrad_as_fwd_fused_sm90_128x128x64", "wgrad_as_fwd_fused_64x64",
+            "wgrad_as_fwd_fused_sm90_128x128x64"} <= set(made)
     for name in ("s2d_fused_64x64", "s2d_fused_sm90_128x128x64"):  # forward only
         assert made[name].input_grad is None and made[name].weight_grad is None
     conv1 = _conv1_problem(device_type="cuda", dtype=torch.bfloat16)
@@ -450,7 +499,8 @@ def test_every_hand_written_kernel_becomes_an_engine(monkeypatch):
     for p in (conv1, conv2):
         offered = {n for n, a in made.items() if a.applies(p)}
         assert {"fused_64x64", "fused_sm90_128x128x64"} <= {
-            n.removeprefix("s2d_").removeprefix("dgrad_as_fwd_") for n in offered}
+            n.removeprefix("s2d_").removeprefix("dgrad_as_fwd_").removeprefix("wgrad_as_fwd_")
+            for n in offered}
         assert not any(a.applies(replace(p, device_type="cpu")) for n, a in made.items()
                        if "fused" in n)
         assert not any(a.applies(replace(p, dtype=torch.float64)) for n, a in made.items()
@@ -475,10 +525,10 @@ def test_every_hand_written_kernel_becomes_an_engine(monkeypatch):
 def test_cpu_build_offers_no_kernel_engines():
     if vidconv.build_info().has_cuda_kernels:
         pytest.skip("this build has CUDA kernels")
-    assert not any("fused" in n for n in S2D + DGRAD)
+    assert not any("fused" in n for n in S2D + DGRAD + WGRAD)
 
 
-_KERNEL_ENGINES = [n for n in S2D + DGRAD if "fused" in n]
+_KERNEL_ENGINES = [n for n in S2D + DGRAD + WGRAD if "fused" in n]
 
 
 @pytest.mark.cuda
@@ -503,6 +553,18 @@ def test_cuda_dgrad_kernels_match_reference(layer, dtype):
     assert any(n.startswith("dgrad_as_fwd_fused_") for n in names)
     for name in names:
         _check(name, "input_grad", x, w, b, layer["stride"], layer["padding"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layer", PAPER_STRIDE1 + AWKWARD_STRIDE1[:8],
+                         ids=_ids(PAPER_STRIDE1 + AWKWARD_STRIDE1[:8]))
+def test_cuda_wgrad_kernels_match_reference(layer, dtype):
+    x, w, b = _tensors(layer, device="cuda", dtype=dtype, x_format=CL3, n=2)
+    names = _applying(WGRAD, "weight_grad", x, w, layer["stride"], layer["padding"])
+    assert any(n.startswith("wgrad_as_fwd_fused_") for n in names)
+    for name in names:
+        _check(name, "weight_grad", x, w, b, layer["stride"], layer["padding"])
 
 
 # ---- the benchmark times them --------------------------------------------------------------------
