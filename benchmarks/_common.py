@@ -207,6 +207,40 @@ def measured_ceiling(device: torch.device | str, dtype: torch.dtype = torch.bflo
             "label": label}
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and every process under it,
+    living (read from /proc, Linux) or exited and waited for: a loader's worker processes and
+    DALI's decoder process count with the thread doing the loading."""
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return total
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat[stat.rindex(")") + 2:].split()
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        ticks[pid] = int(fields[11]) + int(fields[12])  # utime + stime
+    todo, per_second = list(children.get(os.getpid(), [])), os.sysconf("SC_CLK_TCK")
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0) / per_second
+        todo += children.get(pid, [])
+    return total
+
+
 def huge_pages(enabled: bool) -> str:
     """Big CPU tensors on transparent huge pages (vidconv.host_memory.use_huge_pages), as the
     ``vidconv`` command runs, unless not `enabled`: "on", or "off: <why>" for the JSON."""

@@ -7,10 +7,10 @@ gradient) every candidate of vidconv.ops.conv_algos that applies is timed on the
 channels_last_3d tensors (the layout the models run in): ATen's conv3d in NCDHW and
 channels_last_3d (cuDNN / oneDNN), the exact 2D reformulations (frames folded into the batch,
 frames stacked along channels), the rearranged problems (``s2d_*``: space-to-depth of the
-spatially strided conv1; ``dgrad_as_fwd_*``: the input gradient of stride-1 layers as a forward
-convolution), and on CUDA each tile configuration of the hand-written implicit-GEMM kernels,
-also as engines of those rearranged problems. Each one's output is compared with the reference
-(ATen conv3d) first.
+spatially strided conv1; ``dgrad_as_fwd_*`` / ``wgrad_as_fwd_*``: the input / weight gradient of
+stride-1 layers as a forward convolution), and on CUDA each tile configuration of the
+hand-written implicit-GEMM kernels, also as engines of those rearranged problems. Each one's
+output is compared with the reference (ATen conv3d) first.
 
 Reported per layer and direction: every candidate's time and TFLOP/s, the candidate
 st_conv3d's planner chose for that layer (``VIDCONV_CONV_ALGO=auto``, tuned in this run unless

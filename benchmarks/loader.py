@@ -15,6 +15,9 @@ and flip, normalised), with the whole-video cache off so every clip is decoded. 
   shards          the same videos after `vidconv prepare` (JPEG frames in tar shards), JPEG
                   decoded on the CPU in the iterating thread (simplejpeg, else Pillow)
   shards xN       the same with N worker threads
+  shards xN proc  the same with N worker processes (``worker_type="process"``)
+  shards xN proc cuda  N worker processes decoding, crop and normalisation on the GPU, when
+                  CUDA is there (the CPU's share of feeding a GPU)
   shards dali-gpu JPEG decoded by DALI (nvJPEG) on the GPU, when CUDA and DALI are
   shards jpeg only  reading, CRC-checking and decoding the clips' JPEG frames alone (no
                   batching, no preprocessing): the shards' share of the "shards" row
@@ -35,10 +38,11 @@ and timed as source "real footage" (pyav, shards, shards jpeg only), each video 
 ``--videos`` files so that an epoch has as many clips as a synthetic source's. Every row and
 every target says which content it was measured on.
 
-"cores busy" is process CPU time over wall time while a row ran: the CPU cores that row kept
-busy; "clips/s/core" is clips/s over cores busy. "vs pyav" is clips/s over the single-thread
-PyAV row of the same source (the baseline). Times are wall-clock over whole epochs after one
-warm-up epoch, on the device named in the JSON; CPU rows are never GPU numbers.
+"cores busy" is the CPU time of this process and the processes under it (loader workers,
+DALI's CPU decoder) over wall time while a row ran: the CPU cores that row kept busy;
+"clips/s/core" is clips/s over cores busy. "vs pyav" is clips/s over the single-thread PyAV row
+of the same source (the baseline). Times are wall-clock over whole epochs after one warm-up
+epoch, on the device named in the JSON; CPU rows are never GPU numbers.
 
 Preparing is timed too (one worker process per source, so per core): seconds of video prepared
 per CPU second ("x real time / core") and the shards' size per hour of video. The last table
@@ -142,14 +146,17 @@ def real_footage(folder: Path, copies: int, root: Path) -> tuple[Path, list[str]
 
 
 def run_row(folder: Path, device: torch.device, backend: str, workers: int, batch: int,
-            epochs: int, min_seconds: float = 0.0) -> dict[str, Any]:
-    """clips/s and cores busy for one loader configuration (first epoch is a warm-up)."""
+            epochs: int, min_seconds: float = 0.0, worker_type: str = "thread"
+            ) -> dict[str, Any]:
+    """clips/s and cores busy (this process and its worker / decoder processes) for one loader
+    configuration (the first epoch is a warm-up)."""
     loader = ClipLoader(open_source(folder), SPEC, batch_size=batch, train=True, device=device,
-                        backend=backend, num_workers=workers, cache_bytes=0)
-    for _ in loader:  # warm-up: DALI pipeline build, file cache, first allocations
+                        backend=backend, num_workers=workers, cache_bytes=0,
+                        worker_type=worker_type)
+    for _ in loader:  # warm-up: worker start, DALI pipeline build, file cache, allocations
         pass
     clips = 0
-    usage0 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = _common.cpu_seconds()
     t0 = time.perf_counter()
     epoch = 0
     while epoch < epochs or time.perf_counter() - t0 < min_seconds:
@@ -160,8 +167,8 @@ def run_row(folder: Path, device: torch.device, backend: str, workers: int, batc
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
-    usage1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (usage1.ru_utime - usage0.ru_utime) + (usage1.ru_stime - usage0.ru_stime)
+    cpu = _common.cpu_seconds() - cpu0
+    loader.close()
     return {"clips": clips, "clips_per_s": clips / wall, "cores_busy": cpu / wall,
             "clips_per_s_per_core": clips / cpu if cpu > 0 else None,
             "skipped": loader.report.num_skipped}
@@ -301,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             configs += [(size, codec, "pyav", "pyav", 0)] * ("videos" in args.sources)
             if "shards" in args.sources:
                 configs += [(size, codec, "shards", "auto", 0),
+                            (size, codec, f"shards x{workers} proc", "auto", workers),
                             (size, codec, "shards jpeg only", "jpeg-only", 0)]
             continue
         if True:
@@ -313,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(("dali-gpu", "dali", 0))
             if "shards" in args.sources:
                 rows += [("shards", "auto", 0), (f"shards x{workers}", "auto", workers),
+                         (f"shards x{workers} proc", "auto", workers),
                          ("shards jpeg only", "jpeg-only", 0)]
+                if device.type == "cuda":
+                    rows.append((f"shards x{workers} proc cuda", "auto", workers))
                 if has_dali and device.type == "cuda":
                     rows.append(("shards dali-gpu", "auto", 0))
             configs += [(size, codec, *r) for r in rows]
@@ -347,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                     preps[size, codec] = row
         base: dict[tuple[str, str], float] = {}
         for size, codec, name, backend, nw in _common.progress(configs, desc="timing"):
-            dev = device if name.endswith("dali-gpu") else torch.device("cpu")
+            dev = device if name.endswith(("dali-gpu", " cuda")) else torch.device("cpu")
             folder = folders[size, codec]
             if name.startswith("shards"):
                 folder = Path(tmp) / f"{codec}-{size}-prepared"
@@ -361,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                     batch = args.batch if nw == 0 else max(1, min(args.batch,
                                                                   args.videos // nw))
                     row = run_row(folder, dev, backend, nw, batch, args.epochs,
-                                  args.min_seconds)
+                                  args.min_seconds,
+                                  "process" if " proc" in name else "thread")
                     row["batch"] = batch
             if name == "pyav":
                 base[size, codec] = row["clips_per_s"]
