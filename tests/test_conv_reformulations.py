@@ -283,23 +283,31 @@ def test_dgrad_as_forward_applies_to_stride_1_input_gradients_only():
         "dgrad_as_fwd_conv3d_cl", "dgrad_as_fwd_conv2d_frames_cl"}
 
 
-def test_dgrad_as_forward_applies_on_every_paper_stride_1_layer():
+# The gradients of stride-1 layers as forward problems: input (dgrad) and weight (wgrad).
+AS_FORWARD = {"input_grad": DGRAD, "weight_grad": WGRAD}
+
+
+@pytest.mark.parametrize("direction", list(AS_FORWARD))
+def test_gradients_as_forward_apply_on_every_paper_stride_1_layer(direction):
     for layer in PAPER_LAYERS:
         x, w, _ = _tensors(layer, device="meta")
-        offered = _applying(DGRAD, "input_grad", x, w, layer["stride"], layer["padding"])
+        offered = _applying(AS_FORWARD[direction], direction, x, w, layer["stride"],
+                            layer["padding"])
         assert bool(offered) == (layer["stride"] == (1, 1, 1)), (layer, offered)
     # conv2-conv5 of every model but slow fusion's conv2 (temporal stride 2).
     assert {la["ksize"] for la in PAPER_STRIDE1} == {(1, 5, 5), (1, 3, 3), (2, 3, 3)}
 
 
+@pytest.mark.parametrize("direction", list(AS_FORWARD))
 @pytest.mark.parametrize("layer", PAPER_STRIDE1, ids=_ids(PAPER_STRIDE1))
-def test_dgrad_as_forward_matches_reference_on_paper_layers(device, layer):
+def test_gradients_as_forward_match_reference_on_paper_layers(device, layer, direction):
     for x_format in (torch.contiguous_format, CL3):
         x, w, b = _tensors(layer, device=device, x_format=x_format, n=2)
-        names = _applying(DGRAD, "input_grad", x, w, layer["stride"], layer["padding"])
+        names = _applying(AS_FORWARD[direction], direction, x, w, layer["stride"],
+                          layer["padding"])
         assert names
         for name in names:
-            _check(name, "input_grad", x, w, b, layer["stride"], layer["padding"])
+            _check(name, direction, x, w, b, layer["stride"], layer["padding"])
 
 
 @pytest.mark.parametrize("layer", [la for la in PAPER_STRIDE1 if la["thw"][1] == 7],
@@ -326,15 +334,18 @@ def _awkward_stride1(count: int, seed: int) -> list[dict]:
 AWKWARD_STRIDE1 = _awkward_stride1(16, seed=4)
 
 
+@pytest.mark.parametrize("direction", list(AS_FORWARD))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("layer", AWKWARD_STRIDE1, ids=_ids(AWKWARD_STRIDE1))
-def test_dgrad_as_forward_matches_reference_on_awkward_shapes(device, layer, dtype):
+def test_gradients_as_forward_match_reference_on_awkward_shapes(device, layer, dtype,
+                                                                direction):
     for x_format in (torch.contiguous_format, CL3):
         x, w, b = _tensors(layer, device=device, dtype=dtype, x_format=x_format, n=2, seed=5)
-        names = _applying(DGRAD, "input_grad", x, w, layer["stride"], layer["padding"])
+        names = _applying(AS_FORWARD[direction], direction, x, w, layer["stride"],
+                          layer["padding"])
         assert names
         for name in names:
-            _check(name, "input_grad", x, w, b, layer["stride"], layer["padding"])
+            _check(name, direction, x, w, b, layer["stride"], layer["padding"])
 
 
 def test_wgrad_as_forward_applies_to_stride_1_weight_gradients_only():
@@ -353,34 +364,6 @@ def test_wgrad_as_forward_applies_to_stride_1_weight_gradients_only():
     # Two output frames (T' = 2): 3D only.
     assert _names(replace(p, kernel=(2, 3, 3), t=3, padding=(0, 1, 1)), "wgrad_as_fwd_") == {
         "wgrad_as_fwd_conv3d_ncdhw", "wgrad_as_fwd_conv3d_cl"}
-
-
-def test_wgrad_as_forward_applies_on_every_paper_stride_1_layer():
-    for layer in PAPER_LAYERS:
-        x, w, _ = _tensors(layer, device="meta")
-        offered = _applying(WGRAD, "weight_grad", x, w, layer["stride"], layer["padding"])
-        assert bool(offered) == (layer["stride"] == (1, 1, 1)), (layer, offered)
-
-
-@pytest.mark.parametrize("layer", PAPER_STRIDE1, ids=_ids(PAPER_STRIDE1))
-def test_wgrad_as_forward_matches_reference_on_paper_layers(device, layer):
-    for x_format in (torch.contiguous_format, CL3):
-        x, w, b = _tensors(layer, device=device, x_format=x_format, n=2)
-        names = _applying(WGRAD, "weight_grad", x, w, layer["stride"], layer["padding"])
-        assert names
-        for name in names:
-            _check(name, "weight_grad", x, w, b, layer["stride"], layer["padding"])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("layer", AWKWARD_STRIDE1, ids=_ids(AWKWARD_STRIDE1))
-def test_wgrad_as_forward_matches_reference_on_awkward_shapes(device, layer, dtype):
-    for x_format in (torch.contiguous_format, CL3):
-        x, w, b = _tensors(layer, device=device, dtype=dtype, x_format=x_format, n=3, seed=6)
-        names = _applying(WGRAD, "weight_grad", x, w, layer["stride"], layer["padding"])
-        assert names
-        for name in names:
-            _check(name, "weight_grad", x, w, b, layer["stride"], layer["padding"])
 
 
 # ---- through the op and the planner -------------------------------------------------------------
@@ -547,24 +530,14 @@ def test_cuda_s2d_kernels_match_reference(layer, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("layer", PAPER_STRIDE1 + AWKWARD_STRIDE1[:8],
                          ids=_ids(PAPER_STRIDE1 + AWKWARD_STRIDE1[:8]))
-def test_cuda_dgrad_kernels_match_reference(layer, dtype):
+@pytest.mark.parametrize("direction", list(AS_FORWARD))
+def test_cuda_gradient_kernels_match_reference(layer, dtype, direction):
     x, w, b = _tensors(layer, device="cuda", dtype=dtype, x_format=CL3, n=2)
-    names = _applying(DGRAD, "input_grad", x, w, layer["stride"], layer["padding"])
-    assert any(n.startswith("dgrad_as_fwd_fused_") for n in names)
+    names = _applying(AS_FORWARD[direction], direction, x, w, layer["stride"], layer["padding"])
+    prefix = "dgrad" if direction == "input_grad" else "wgrad"
+    assert any(n.startswith(f"{prefix}_as_fwd_fused_") for n in names)
     for name in names:
-        _check(name, "input_grad", x, w, b, layer["stride"], layer["padding"])
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("layer", PAPER_STRIDE1 + AWKWARD_STRIDE1[:8],
-                         ids=_ids(PAPER_STRIDE1 + AWKWARD_STRIDE1[:8]))
-def test_cuda_wgrad_kernels_match_reference(layer, dtype):
-    x, w, b = _tensors(layer, device="cuda", dtype=dtype, x_format=CL3, n=2)
-    names = _applying(WGRAD, "weight_grad", x, w, layer["stride"], layer["padding"])
-    assert any(n.startswith("wgrad_as_fwd_fused_") for n in names)
-    for name in names:
-        _check(name, "weight_grad", x, w, b, layer["stride"], layer["padding"])
+        _check(name, direction, x, w, b, layer["stride"], layer["padding"])
 
 
 # ---- the benchmark times them --------------------------------------------------------------------
