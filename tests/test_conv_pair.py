@@ -141,6 +141,10 @@ def test_knobs(monkeypatch) -> None:
         assert len(calls) == 1 and pair_mod.pair_plan() == [], env
         monkeypatch.delenv(env)
         monkeypatch.setenv("VIDCONV_CONV_PAIR", "fused")
+    monkeypatch.delenv("VIDCONV_CONV_PAIR")
+    monkeypatch.setattr(conv_planner, "_distributed", lambda: True)
+    st_conv3d_pair(*args)
+    assert len(calls) == 1 and pair_mod.pair_plan() == []  # ranks keep the two calls
     monkeypatch.setenv("VIDCONV_CONV_PAIR", "bogus")
     with pytest.raises(ValueError, match="VIDCONV_CONV_PAIR must be one of auto, fused, aten"):
         st_conv3d_pair(*args)

@@ -20,9 +20,11 @@ sides are timed forward and backward; the grouped launch's backward is each stre
 forward differs.
 
 ``VIDCONV_CONV_PAIR=fused`` runs the grouped launch wherever it applies, ``aten`` never;
-``auto`` (default) measures, except under ``VIDCONV_CONV_ALGO=aten`` (plain PyTorch) or
-``VIDCONV_TUNE=0`` (no timing: the two calls). While ``torch.compile`` traces, and under
-CUDA-graph capture for a shape without a choice yet, the two calls run.
+``auto`` (default) measures, except under ``VIDCONV_CONV_ALGO=aten`` (plain PyTorch),
+``VIDCONV_TUNE=0`` (no timing) and ``torch.distributed`` with more than one rank (ranks choosing
+on their own timings could differ, and the two ways round differently), where the two calls
+run. While ``torch.compile`` traces, and under CUDA-graph capture for a shape without a choice
+yet, the two calls run.
 """
 
 from __future__ import annotations
@@ -147,6 +149,11 @@ def prefer_grouped(x0, weight0, bias0, x1, weight1, bias1, stride, padding, relu
     if mode == "fused":
         return True
     if conv_planner._mode() == "aten" or not conv_planner._tuning_enabled():
+        return False
+    if conv_planner._distributed():
+        # Ranks timing on their own could choose differently, and the two ways round
+        # differently: the ranks' replicas would drift apart. The two calls, whose algorithms
+        # the planner agrees on across ranks.
         return False
     tensors = (x0, weight0, bias0, x1, weight1, bias1)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
