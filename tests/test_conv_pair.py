@@ -258,3 +258,82 @@ def test_cuda_grouped_launch_is_a_measured_candidate(dtype: torch.dtype) -> None
     for a, b in zip(grads, ref_grads, strict=True):
         assert (a.float() - b.float()).abs().max() <= 0.05 * b.float().abs().max() + 1e-3
     assert torch.equal(g1, outs[1].detach())
+
+
+def test_measuring_inside_activation_checkpointing_does_not_hang(monkeypatch) -> None:
+    import threading
+
+    from torch.utils.checkpoint import checkpoint
+
+    _inject_grouped(monkeypatch)
+    args = [t.requires_grad_(True) for t in _pair_args()]
+
+    def step():
+        y0, y1 = checkpoint(lambda *a: st_conv3d_pair(*a), *args, use_reentrant=False)
+        (y0.sum() + y1.sum()).backward()
+        return True
+
+    done: list[bool] = []
+    worker = threading.Thread(target=lambda: done.append(step()), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done == [True], "the measurement waited for itself under checkpointing"
+    assert pair_mod.pair_plan()[0]["key"].grad
+
+
+def test_the_yardstick_stays_float32_under_autocast(monkeypatch) -> None:
+    _inject_grouped(monkeypatch)
+    args = _pair_args(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        st_conv3d_pair(*args)
+    # The grouped launch (here: the same bf16 convolutions) is off float32 by bf16 rounding;
+    # measured against an autocast (bf16) reference it would be off by exactly nothing.
+    assert 0 < pair_mod.pair_plan()[0]["rel_err"] < 0.02
+
+
+def test_conv_pair_runs_the_modules_where_it_must(monkeypatch) -> None:
+    from vidconv.nn import SpatioTemporalConv
+    from vidconv.nn.conv import conv_pair
+
+    calls = _inject_grouped(monkeypatch)
+    monkeypatch.setenv("VIDCONV_CONV_PAIR", "fused")
+    torch.manual_seed(0)
+    a, b = SpatioTemporalConv(4, 6, 3, padding=1, relu=True), \
+        SpatioTemporalConv(4, 6, 3, padding=1, relu=True)
+    x0, x1 = torch.randn(2, 4, 3, 5, 5), torch.randn(2, 4, 3, 5, 5)
+    y0, y1 = conv_pair(a, b, x0, x1)
+    assert len(calls) == 1 and torch.equal(y0, a(x0)) and torch.equal(y1, b(x1))
+
+    class Doubled(SpatioTemporalConv):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    d = Doubled(4, 6, 3, padding=1, relu=True)
+    d.load_state_dict(b.state_dict())
+    assert torch.equal(conv_pair(a, d, x0, x1)[1], d(x1))  # its own forward
+    seen = []
+    handle = b.register_full_backward_hook(lambda m, gi, go: seen.append(1))
+    x1g = x1.clone().requires_grad_(True)
+    conv_pair(a, b, x0, x1g)[1].sum().backward()
+    assert seen == [1]  # the module was called, so its backward hook ran
+    handle.remove()
+    other = SpatioTemporalConv(4, 6, 3, padding=0, relu=True)
+    assert conv_pair(a, other, x0, x1)[1].shape == other(x1).shape  # configs differ
+    assert conv_pair(a, b, x0, x1.to("meta"))[1].device.type == "meta"  # devices differ
+    assert len(calls) == 1
+
+
+def test_twin_towers_leave_wrapped_towers_alone(monkeypatch) -> None:
+    from vidconv.models.tower import twin_towers
+
+    model, x = _multires(2)
+    calls = _inject_grouped(monkeypatch)
+    monkeypatch.setenv("VIDCONV_CONV_PAIR", "fused")
+    fovea, context = model.towers["fovea"], model.towers["context"]
+    with torch.no_grad():
+        expected = (fovea(x[0]), context(x[1]))
+        calls.clear()
+        wrapped = torch.nn.Sequential(context)
+        wrapped.layer_names = context.layer_names  # looks like a tower, is not one
+        got = twin_towers(fovea, wrapped, *x)
+    assert calls == [] and torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

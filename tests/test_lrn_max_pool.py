@@ -221,6 +221,37 @@ def test_prefer_fused_measures_once_and_honours_the_knob(monkeypatch):
     lrn_pool_mod.clear_lrn_pool_plan()
 
 
+def test_measuring_inside_activation_checkpointing_does_not_hang(monkeypatch):
+    """The training-mode measurement runs a backward inside the caller's forward: under
+    non-reentrant checkpointing its saved tensors must not go through the checkpoint's hooks
+    (unpacking them would recompute the caller, which would wait for this measurement)."""
+    import threading
+
+    from torch.utils.checkpoint import checkpoint
+
+    lrn_pool_mod.clear_lrn_pool_plan()
+    _fused_clearly_faster(monkeypatch)
+    x = _activations((1, 8, 1, 9, 9), torch.float32).requires_grad_(True)
+
+    def stage(t):
+        if lrn_pool_mod.prefer_fused(t, 5, 1e-4, 0.5, 2.0, (2, 2), True, _unfused):
+            return lrn_max_pool(t, 5, 1e-4, 0.5, 2.0, (2, 2), True)
+        return _unfused(t)
+
+    done: list[bool] = []
+
+    def step():
+        checkpoint(stage, x, use_reentrant=False).sum().backward()
+        done.append(True)
+
+    worker = threading.Thread(target=step, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done == [True], "the measurement waited for itself under checkpointing"
+    assert lrn_pool_mod.lrn_pool_plan()[0]["key"].grad
+    lrn_pool_mod.clear_lrn_pool_plan()
+
+
 def test_threads_meeting_a_new_shape_at_once_measure_once(monkeypatch):
     lrn_pool_mod.clear_lrn_pool_plan()
     x = _activations((1, 8, 1, 9, 9), torch.float32)

@@ -20,7 +20,7 @@ from torch import nn
 
 from vidconv._extension import build_info
 from vidconv.nn import SpatioTemporalConv
-from vidconv.nn.conv import conv_pair
+from vidconv.nn.conv import conv_pair, has_hooks
 from vidconv.ops import lrn_max_pool, lrn_pool
 
 # Local response normalisation across channels (the paper's "N"): size n=5, alpha=1e-4,
@@ -256,13 +256,15 @@ def twin_towers(tower0: Tower, tower1: Tower, x0: torch.Tensor,
     context streams), stage by stage in step, so that each stage's two convolutions are one
     :func:`~vidconv.nn.conv.conv_pair` (a grouped launch where measured faster). Stages with
     hooks, or towers that differ, run as the modules they are."""
-    if tower0.layer_names != tower1.layer_names or _global_hooks() or any(
-            t._forward_hooks or t._forward_pre_hooks for t in (tower0, tower1)):
+    # Exactly Tower and Stage (not compiled, wrapped or subclassed): their forward is known.
+    if not (type(tower0) is Tower and type(tower1) is Tower) \
+            or tower0.layer_names != tower1.layer_names or has_hooks(tower0) \
+            or has_hooks(tower1):
         return tower0(x0), tower1(x1)
     for name in tower0.layer_names:
         stage0, stage1 = tower0._modules[name], tower1._modules[name]
-        if not (type(stage0) is Stage and type(stage1) is Stage) or any(
-                s._forward_hooks or s._forward_pre_hooks for s in (stage0, stage1)):
+        if not (type(stage0) is Stage and type(stage1) is Stage) or has_hooks(stage0) \
+                or has_hooks(stage1):
             x0, x1 = stage0(x0), stage1(x1)  # type: ignore[misc]
             continue
         y0, y1 = conv_pair(stage0.conv, stage1.conv, x0, x1)

@@ -224,13 +224,15 @@ def conv_pair(conv0: nn.Module, conv1: nn.Module, x0: torch.Tensor,
     stages): one :func:`vidconv.ops.st_conv_pair.st_conv3d_pair` call, which runs them as one
     grouped launch where that is measured faster. Layers that differ, calls that are not
     st_conv3d's, and modules with hooks (which must see their own calls) run one by one."""
-    if not (type(conv0) is type(conv1) and isinstance(conv0, SpatioTemporalConv)
-            and _config(conv0) == _config(conv1) and not _has_hooks(conv0)
-            and not _has_hooks(conv1)):
+    # Exactly SpatioTemporalConv: a subclass may have its own forward.
+    if not (type(conv0) is SpatioTemporalConv and type(conv1) is SpatioTemporalConv
+            and _config(conv0) == _config(conv1) and not has_hooks(conv0)
+            and not has_hooks(conv1)):
         return conv0(x0), conv1(x1)
     a, b = conv0._fused_arguments(x0), conv1._fused_arguments(x1)
     if a is None or b is None or a[0].shape != b[0].shape or a[0].dtype != b[0].dtype \
-            or a[1].shape != b[1].shape or a[1].dtype != b[1].dtype or a[3] != b[3]:
+            or a[0].device != b[0].device or a[1].shape != b[1].shape \
+            or a[1].dtype != b[1].dtype or a[3] != b[3]:
         return conv0(x0), conv1(x1)
     y0, y1 = st_conv3d_pair(a[0], a[1], a[2], b[0], b[1], b[2], conv0.stride, a[3],
                             "relu" if conv0.relu else None)
@@ -243,11 +245,15 @@ def _config(conv: SpatioTemporalConv) -> tuple:
             conv.dilation, conv.groups, conv.padding_mode, conv.relu, conv.bias is None)
 
 
-def _has_hooks(module: nn.Module) -> bool:
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks (its own or global ones, forward or backward) that
+    a caller computing its output some other way would skip."""
     from torch.nn.modules import module as module_mod
 
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or module_mod._global_forward_hooks
+                or module_mod._global_forward_pre_hooks or module_mod._global_backward_hooks
+                or module_mod._global_backward_pre_hooks)
 
 
 def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -638,6 +638,15 @@ def measure_choice(runs: dict[str, Callable[[], Any]], reference: str, device: t
 FUSED_MODES = ("auto", "fused", "aten")
 
 
+def own_saved_tensors() -> contextlib.AbstractContextManager:
+    """For a measurement that runs a backward inside the caller's forward: saved-tensor hooks
+    of the caller (non-reentrant activation checkpointing, offloading) left out of the
+    measured graph. Under checkpointing, unpacking a saved tensor of the measured graph would
+    recompute the caller's checkpointed function, which would meet the shape being measured
+    again and wait for its own measurement for ever."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
 def fused_mode(variable: str) -> str:
     """The value of ``variable`` (``VIDCONV_LRN_POOL``, ``VIDCONV_PREPROCESS``): one of
     :data:`FUSED_MODES`, "auto" when unset or empty; anything else is a clear error."""

@@ -275,9 +275,10 @@ def _measure(x, size, alpha, beta, k, pool, ceil_mode, unfused, grad) -> conv_pl
             return forward
 
         def forward_backward():
-            t = sample.clone().requires_grad_(True)
-            out = fn(t)
-            out.backward(torch.ones_like(out))
+            with conv_planner.own_saved_tensors():
+                t = sample.clone().requires_grad_(True)
+                out = fn(t)
+                out.backward(torch.ones_like(out))
             return out
         return forward_backward
 

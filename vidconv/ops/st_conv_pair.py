@@ -37,8 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from vidconv.ops import conv_algos, conv_planner
-from vidconv.ops.st_conv import validate
+from vidconv.ops.st_conv import _no_autocast, validate
 
+# Warnings name st_conv3d_pair's caller: _measure_as_given < _measure < decide's lambda <
+# ChoiceTable.decide < prefer_grouped < st_conv3d_pair < caller.
+_USER = 7
 _EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10,
         torch.bfloat16: 2.0**-7}
 
@@ -115,7 +118,7 @@ class PairKey:
 
     device: str
     dtype: str
-    memory_format: str
+    memory_format: str  # x0's, x1's, weight0's, weight1's
     x_shape: tuple[int, ...]
     weight_shape: tuple[int, ...]
     stride: tuple[int, ...]
@@ -158,7 +161,8 @@ def prefer_grouped(x0, weight0, bias0, x1, weight1, bias1, stride, padding, relu
     tensors = (x0, weight0, bias0, x1, weight1, bias1)
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     key = PairKey(conv_planner._device_name(x0.device), str(x0.dtype).removeprefix("torch."),
-                  conv_algos.memory_format_name(x0), tuple(x0.shape), tuple(weight0.shape),
+                  "/".join(conv_algos.memory_format_name(t) for t in (x0, x1, weight0, weight1)),
+                  tuple(x0.shape), tuple(weight0.shape),
                   tuple(stride), tuple(padding), bool(relu), bias0 is not None, grad)
     decision = _decisions.get(key)
     if decision is not None:
@@ -178,8 +182,17 @@ def _reference(x, weight, bias, stride, padding, relu) -> torch.Tensor:
 
 
 def _measure(args: tuple, grad: bool) -> conv_planner.FusedDecision:
+    # The kernels compute in x's dtype (st_conv3d casts nothing), and the yardstick must stay
+    # float32: autocast off, as inside st_conv3d.
+    with _no_autocast(args[0].device.type):
+        return _measure_as_given(args, grad)
+
+
+def _measure_as_given(args: tuple, grad: bool) -> conv_planner.FusedDecision:
     x0, weight0, bias0, x1, weight1, bias1, stride, padding, relu = args
     detached = tuple(None if t is None else t.detach() for t in args[:6])
+    # Timed with the gradients the real call needs (conv1's input needs none).
+    needs = tuple(t is not None and t.requires_grad for t in args[:6])
 
     def run(fn: Callable) -> Callable[[], object]:
         if not grad:
@@ -189,10 +202,11 @@ def _measure(args: tuple, grad: bool) -> conv_planner.FusedDecision:
             return forward
 
         def forward_backward():
-            leaves = tuple(None if t is None else t.clone().requires_grad_(True)
-                           for t in detached)
-            outs = fn(*leaves, stride, padding, relu)
-            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            with conv_planner.own_saved_tensors():
+                leaves = tuple(None if t is None else t.clone().requires_grad_(need)
+                               for t, need in zip(detached, needs, strict=True))
+                outs = fn(*leaves, stride, padding, relu)
+                torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             return outs
         return forward_backward
 
@@ -206,7 +220,7 @@ def _measure(args: tuple, grad: bool) -> conv_planner.FusedDecision:
     except Exception as exc:  # noqa: BLE001 - a launch the device refuses, out of memory
         warnings.warn(f"vidconv st_conv3d_pair: the grouped launch cannot run {shape} "
                       f"({type(exc).__name__}: {str(exc).splitlines()[0]}); the two "
-                      "convolutions run one by one there", RuntimeWarning, stacklevel=4)
+                      "convolutions run one by one there", RuntimeWarning, stacklevel=_USER)
         return conv_planner.FusedDecision(False, "raised", {}, float("nan"))
     err = max(conv_planner._rel_err(g, r) for g, r in zip(grouped, refs, strict=True))
     baseline = max(conv_planner._rel_err(s, r) for s, r in zip(separate, refs, strict=True))
@@ -217,15 +231,21 @@ def _measure(args: tuple, grad: bool) -> conv_planner.FusedDecision:
         warnings.warn(f"vidconv st_conv3d_pair: the grouped launch differs from float32 ATen "
                       f"by {err:.3g} (relative; the two calls it would replace by "
                       f"{baseline:.3g}) on {shape}; not used there", RuntimeWarning,
-                      stacklevel=4)
+                      stacklevel=_USER)
         return conv_planner.FusedDecision(False, "disagrees", {}, err)
     runs = {"fused": run(_grouped), "aten": run(_separate)}
-    result = conv_planner.measure_choice(runs, "aten", x0.device, warm_up=True)
+    try:
+        result = conv_planner.measure_choice(runs, "aten", x0.device, warm_up=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory in the grouped backward
+        warnings.warn(f"vidconv st_conv3d_pair: timing the grouped launch on {shape} failed "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0]}); the two "
+                      "convolutions run one by one there", RuntimeWarning, stacklevel=_USER)
+        return conv_planner.FusedDecision(False, "raised", {}, err)
     if result.noisy is not None:
         warnings.warn(f"vidconv st_conv3d_pair: timings varied {result.noisy:.1f}x between "
                       f"runs on {shape} (other work on the same device?); the two "
                       "convolutions run one by one there in this process", RuntimeWarning,
-                      stacklevel=4)
+                      stacklevel=_USER)
         return conv_planner.FusedDecision(False, "noisy", result.times_ms, err)
     return conv_planner.FusedDecision(result.chosen == "fused", "tuned", result.times_ms, err)
 
