@@ -156,6 +156,9 @@ def test_config_names_bad_options() -> None:
 WIDTH = 0.05  # conv widths 5-19 filters, fc 205: a few ms per clip on one CPU core
 CLASSES = 3
 STEPS = 200  # a few hundred steps, ~25 ms each at this width
+# SGD's learning rate: at 0.01 the loss climbed back from 0.5 to 0.9-1.1 over the last 50 steps
+# in some runs (the algorithm choices decided which); at 0.005 it reaches ~0.1.
+LR = 0.005
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +178,18 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def trained(datasets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
             ) -> dict[str, object]:
-    """One trained checkpoint shared by the end-to-end tests."""
+    """One trained checkpoint shared by the end-to-end tests.
+
+    The convolutions run the reference algorithm (``VIDCONV_TUNE=0``): which exact algorithm
+    the planner picks depends on the machine's timings, and their different rounding sends a
+    few hundred SGD steps down different paths, so accuracy thresholds would depend on the
+    load of the machine running the tests."""
     out = tmp_path_factory.mktemp("runs") / "sf"
-    summary = train(TrainConfig(data=str(datasets["train"]), out=str(out), width=WIDTH,
-                                batch_size=8, steps=STEPS, lr=0.01, checkpoint_every=1000,
-                                log_every=10, progress=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VIDCONV_TUNE", "0")
+        summary = train(TrainConfig(data=str(datasets["train"]), out=str(out), width=WIDTH,
+                                    batch_size=8, steps=STEPS, lr=LR, checkpoint_every=1000,
+                                    log_every=10, progress=False))
     return summary
 
 

@@ -204,6 +204,7 @@ class ProcessWorkers:
             for _ in range(self.depth):
                 submit()
             while pending:
+                self._check_current(generation)
                 while next_out not in done:
                     message = self._receive(next_out, generation)
                     if message[1] != generation:
@@ -241,13 +242,16 @@ class ProcessWorkers:
                     unseen(message[4])
             # Results still in flight free their slots when they arrive (stale by then).
 
+    def _check_current(self, generation: int) -> None:
+        if self._generation != generation:
+            raise RuntimeError("vidconv.data: a newer iteration over this loader started "
+                               "while this one was paused; with worker processes a loader "
+                               "serves one iteration at a time (finish or drop the first, "
+                               "or use a second loader)")
+
     def _receive(self, seq: int, generation: int) -> tuple:
         while True:
-            if self._generation != generation:
-                raise RuntimeError("vidconv.data: a newer iteration over this loader started "
-                                   "while this one was paused; with worker processes a loader "
-                                   "serves one iteration at a time (finish or drop the first, "
-                                   "or use a second loader)")
+            self._check_current(generation)
             try:
                 return self._results.get(timeout=_POLL_SECONDS)
             except queue.Empty:
