@@ -339,13 +339,7 @@ class ClipLoader:
         self._workers: ProcessWorkers | None = None
         # In a worker process: the bad videos it found, for the loader to report.
         self._found_bad: list[tuple[int, str, str]] | None = None
-        self._scratch: np.ndarray | None = None
-        # Enough buffers for the batches in flight (one per worker, plus the one being made),
-        # the one the caller holds and the one it has just let go of; two per multires batch.
-        # Plus the uint8 clips of each batch being decoded.
-        self._buffers = BufferPool((num_workers + 3) * (2 if spec.multires else 1)
-                                   + num_workers + 1) \
-            if reuse_buffers and device.type == "cpu" else None
+        self._buffers = self._new_buffer_pool()
         self.shard_id, self.num_shards = _shards(shard_id, num_shards)
         node_part = getattr(self.source, "rank_split", None)
         if node_part is not None:
@@ -622,9 +616,22 @@ class ClipLoader:
                     out[index] = got, {i: k for k, i in enumerate(frames)}
         return out
 
+    def _new_buffer_pool(self) -> BufferPool | None:
+        """The pool of CPU batch memory (None without reuse_buffers, or on CUDA): enough for
+        the batches in flight (one per worker, plus the one being made), the one the caller
+        holds and the one it has just let go of, two each for multires, plus the uint8 clips
+        of each batch being decoded."""
+        if not self._reuse_buffers or self.device.type != "cpu":
+            return None
+        return BufferPool((self.num_workers + 3) * (2 if self.spec.multires else 1)
+                          + self.num_workers + 1)
+
     def _load(self, items: list[_Item]) -> Batch | None:
         gathered = self._gather(items)
-        return None if gathered is None else self._finish(*gathered)
+        if gathered is None:
+            return None
+        clips_u8, kept = gathered
+        return self._batch(self._inputs(clips_u8, kept), kept)
 
     def _gather(self, items: list[_Item], out: np.ndarray | None = None
                 ) -> tuple[torch.Tensor, list[_Item]] | None:
@@ -718,30 +725,31 @@ class ClipLoader:
             return torch.from_numpy(batch[:len(slots)]), kept
         return torch.stack([torch.as_tensor(c).to(self.device) for c in clips]), kept
 
-    def _finish(self, clips_u8: torch.Tensor, kept: list[_Item],
-                out: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None) -> Batch:
-        """The device half of a batch: crop and normalise ``clips_u8`` (moved to the device)
-        into ``out`` (the model input's tensors; default: pooled or fresh ones)."""
+    def _inputs(self, clips_u8: torch.Tensor, kept: list[_Item],
+                out: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None) -> Any:
+        """The device half of a batch: ``clips_u8`` (moved to the device) cropped and
+        normalised into ``out`` (the model input's tensors; default: pooled or fresh ones);
+        returns the model input."""
         clips_u8 = clips_u8.to(self.device)
         off = torch.tensor([it.offset for it in kept], dtype=torch.int64, device=self.device)
         flip = torch.tensor([it.flip for it in kept], dtype=torch.bool, device=self.device)
         from vidconv.ops import crop_normalize, fovea_context
 
-        inputs: Any
         size = self.spec.size
         shape = self.input_shape(clips_u8.shape[0])
         pool = self._buffers
         if self.spec.multires:
             if out is None and pool is not None:
                 out = (pool.take(shape, torch.float32), pool.take(shape, torch.float32))
-            fovea, context = fovea_context(clips_u8, size, offsets=off, flip=flip, out=out)
-            inputs = {"both": (fovea, context), "fovea": fovea,
-                      "context": context}[self.spec.stream]
-        else:
-            if out is None and pool is not None:
-                out = pool.take(shape, torch.float32)
-            inputs = crop_normalize(clips_u8, size, offsets=off, flip=flip, out=out)
-        return self._batch(inputs, kept)
+            return self._stream(*fovea_context(clips_u8, size, offsets=off, flip=flip,
+                                               out=out))
+        if out is None and pool is not None:
+            out = pool.take(shape, torch.float32)
+        return crop_normalize(clips_u8, size, offsets=off, flip=flip, out=out)
+
+    def _stream(self, fovea: torch.Tensor, context: torch.Tensor) -> Any:
+        """A multires spec's model input from its two streams."""
+        return {"both": (fovea, context), "fovea": fovea, "context": context}[self.spec.stream]
 
     def _batch(self, inputs: Any, kept: list[_Item]) -> Batch:
         videos = self.source.videos
@@ -829,13 +837,12 @@ class ClipLoader:
                 kept = [kept[j] for j in keep]
             n = len(kept)
             if self.device.type == "cuda":
-                yield self._finish(tensors[0][:n], kept)
+                inputs = self._inputs(tensors[0][:n], kept)
             elif self.spec.multires:
-                fovea, context = tensors[0][:n], tensors[1][:n]
-                yield self._batch({"both": (fovea, context), "fovea": fovea,
-                                   "context": context}[self.spec.stream], kept)
+                inputs = self._stream(tensors[0][:n], tensors[1][:n])
             else:
-                yield self._batch(tensors[0][:n], kept)
+                inputs = tensors[0][:n]
+            yield self._batch(inputs, kept)
 
     @property
     def worker_pids(self) -> list[int]:
@@ -856,7 +863,7 @@ class ClipLoader:
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        # What a worker process gets: no lock, decoders, buffer pool or workers of its own.
+        # What a worker process gets: no lock, decoders, buffers or workers of this process.
         state = self.__dict__.copy()
         for name in ("_lock", "_workers", "_buffers"):
             state[name] = None
@@ -866,6 +873,7 @@ class ClipLoader:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._buffers = self._new_buffer_pool()
 
     def __repr__(self) -> str:
         mode = "train" if self.train else (f"eval, {self.clips_per_video} clips x "
@@ -882,21 +890,15 @@ def _make_in_worker(loader: ClipLoader, items: list[_Item], out: tuple[torch.Ten
     loader._bad.update(bad)
     loader._found_bad = found = []
     cuda = loader.device.type == "cuda"
-    if cuda:
-        clips = out[0].numpy()
-    else:
-        size, frames = loader.spec.frame_size, len(loader.spec.frame_offsets)
-        shape = (loader.batch_size, frames, size, size, 3)
-        if loader._scratch is None or loader._scratch.shape != shape:
-            loader._scratch = np.empty(shape, dtype=np.uint8)
-        clips = loader._scratch
-    gathered = loader._gather(items, out=clips)
+    # A CUDA loader's clips go straight into the slot; otherwise into the worker's own pooled
+    # uint8 memory, and the model input into the slot.
+    gathered = loader._gather(items, out=out[0].numpy() if cuda else None)
     if gathered is None:
         return None, found
     clips_u8, kept = gathered
     if not cuda:
         n = len(kept)
-        loader._finish(clips_u8, kept, out=(out[0][:n], out[1][:n]) if loader.spec.multires
+        loader._inputs(clips_u8, kept, out=tuple(t[:n] for t in out) if loader.spec.multires
                        else out[0][:n])
     return kept, found
 

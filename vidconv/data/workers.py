@@ -63,7 +63,6 @@ class _Slot:
     reference counts when only this slot holds them (None where torch does not expose them:
     such a slot is never reused)."""
 
-    key: tuple
     tensors: tuple[torch.Tensor, ...]
     idle: tuple[tuple[int, int] | None, ...]
     busy: bool = False
@@ -76,12 +75,11 @@ class _Slot:
             storage_references(t) == c for t, c in zip(self.tensors, self.idle, strict=True))
 
 
-def _make_slot(key: tuple) -> _Slot:
-    shapes, dtype = key
+def _make_slot(shapes: Sequence[Sequence[int]], dtype: torch.dtype) -> _Slot:
     with torch.inference_mode(False):
         tensors = tuple(torch.empty(s, dtype=dtype, device="cpu").share_memory_()
                         for s in shapes)
-    return _Slot(key, tensors, tuple(storage_references(t) for t in tensors))
+    return _Slot(tensors, tuple(storage_references(t) for t in tensors))
 
 
 class ProcessWorkers:
@@ -153,10 +151,10 @@ class ProcessWorkers:
         """A free slot (its id), else a new one: kept while there is room (id >= 0), else a
         one-off (id -1) that no worker keeps and the caller gets a copy of."""
         for i, slot in enumerate(self._slots):
-            if slot.key == self._slot_key and slot.free():
+            if slot.free():
                 slot.busy = True
                 return i, slot
-        slot = _make_slot(self._slot_key)
+        slot = _make_slot(*self._slot_key)
         slot.busy = True
         if len(self._slots) >= self._capacity or not slot.reusable():
             return -1, slot

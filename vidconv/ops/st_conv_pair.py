@@ -42,8 +42,6 @@ from vidconv.ops.st_conv import _no_autocast, validate
 # Warnings name st_conv3d_pair's caller: _measure_as_given < _measure < decide's lambda <
 # ChoiceTable.decide < prefer_grouped < st_conv3d_pair < caller.
 _USER = 7
-_EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10,
-        torch.bfloat16: 2.0**-7}
 
 
 def st_conv3d_pair(
@@ -226,7 +224,7 @@ def _measure_as_given(args: tuple, grad: bool) -> conv_planner.FusedDecision:
     baseline = max(conv_planner._rel_err(s, r) for s, r in zip(separate, refs, strict=True))
     # As close to float32 ATen as the two calls it replaces, give or take the output type's
     # rounding (both round a float32 accumulation once, in a different order).
-    allowed = 2 * baseline + 4 * _EPS[x0.dtype]
+    allowed = 2 * baseline + 4 * conv_planner._EPS[x0.dtype]
     if not err <= allowed:
         warnings.warn(f"vidconv st_conv3d_pair: the grouped launch differs from float32 ATen "
                       f"by {err:.3g} (relative; the two calls it would replace by "
