@@ -66,6 +66,15 @@ TORCH_LIBRARY(vidconv, m) {
       "Tensor weight1, Tensor? bias1, int[] stride, int[] padding, bool relu, int split_k=1) "
       "-> (Tensor, Tensor)");
 
+  // x (M, K) @ weight (O, K)^T + bias for few rows M (an FC layer's batch), streaming the weight
+  // matrix once (CPU; float32, float64; contiguous). One of vidconv.ops.linear's candidates.
+  m.def("small_batch_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // Its gradients (grad_x = grad @ weight, grad_weight = grad^T @ x, grad_bias = grad summed over
+  // rows), selected by output_mask; unselected ones come back undefined.
+  m.def(
+      "small_batch_linear_backward(Tensor grad, Tensor x, Tensor weight, bool[3] output_mask) -> "
+      "(Tensor, Tensor, Tensor)");
+
   // ---- lrn_max_pool (conv1/conv2's "N" then "P", fused) ----
   // Local response normalisation across channels (torch's: x / (k + alpha/size * sum x^2)^beta
   // over the `size` channels centred on x's), then max pooling frame by frame over

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["speed", "preprocess", "conv", "loader", "paper_tables", "lrn_pool"]
+SCRIPTS = ["speed", "preprocess", "conv", "loader", "paper_tables", "lrn_pool", "linear"]
 
 
 def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -92,6 +92,22 @@ def test_lrn_pool_minimal_run(tmp_path: Path) -> None:
     assert "aten/fused" in res.stdout.splitlines()[-10]
     bad = _run("lrn_pool", "--dtypes", "float8")
     assert bad.returncode != 0 and "--dtypes must be from" in bad.stderr
+
+
+def test_linear_minimal_run(tmp_path: Path) -> None:
+    out = tmp_path / "linear.json"
+    res = _run("linear", "--device", "cpu", "--quick", "--width", "0.05", "--repeats", "1",
+               "--json", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(out.read_text())
+    # fc1 of three input widths, fc2 and the classifier, each of every network that has it
+    assert len(data["rows"]) == 5 and all(r["batch"] == 8 for r in data["rows"])
+    assert {"fwd small_batch ms", "grad small_batch ms", "grad % ceiling"} <= set(data["rows"][0])
+    assert all(r["max rel err"] < 1e-4 and r["read GB/s"] > 0 for r in data["rows"])
+    assert "late_fusion mr fc1" in res.stderr
+    assert "fwd best / aten" in res.stdout.splitlines()[-7]
+    bad = _run("linear", "--batches", "8,x")
+    assert bad.returncode != 0 and "--batches must be comma-separated integers" in bad.stderr
 
 
 def test_conv_minimal_run(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""vidconv.ops.linear: the measured choice between F.linear and its weight-major form."""
+"""vidconv.ops.linear: the measured choice between F.linear, its weight-major form and the
+small-batch kernel that streams the weights once."""
 
 from __future__ import annotations
 
@@ -62,6 +63,172 @@ def test_weight_major_equals_f_linear(rows, in_features, out_features, dtype, bi
         assert conv_planner._rel_err(g_got, g_want) <= fc.tolerance(dtype, n)
 
 
+# Rows around the kernel's blocks of 4, features around its 8 lanes and 2048-feature chunks,
+# an odd number of weight rows (the last pair has one), and the paper's fc1 at batch 8.
+SMALL_BATCH_SHAPES = [(1, 1, 1), (2, 7, 3), (3, 8, 5), (5, 9, 4), (4, 2047, 7), (7, 2049, 6),
+                      (9, 4100, 1), (32, 63, 33), (8, 6272, 2048)]
+
+
+@pytest.mark.parametrize("rows,in_features,out_features", SMALL_BATCH_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("simd", ["1", "0"])
+def test_small_batch_equals_f_linear(rows, in_features, out_features, dtype, simd, monkeypatch):
+    monkeypatch.setenv("VIDCONV_CPU_SIMD", simd)  # the AVX2 rows and the portable ones
+    g = torch.Generator().manual_seed(rows * 7919 + in_features)
+    x = torch.randn(rows, in_features, generator=g, dtype=dtype)
+    w = torch.randn(out_features, in_features, generator=g, dtype=dtype)
+    b = torch.randn(out_features, generator=g, dtype=dtype)
+    want = F.linear(x.double(), w.double(), b.double())
+    for bias in (b, None):
+        got = fc.small_batch_linear(x, w, bias)
+        assert got.shape == (rows, out_features) and got.dtype == dtype
+        ref = want if bias is not None else want - b.double()
+        # as close to float64 as F.linear's own result in the same dtype
+        own = conv_planner._rel_err(F.linear(x, w, bias), ref)
+        assert conv_planner._rel_err(got, ref) <= max(4 * own, fc.tolerance(dtype, 1) / 4)
+    # Gradients through the registered autograd (vidconv's gradient kernels).
+    upstream = torch.randn(rows, out_features, generator=g, dtype=dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    got = torch.autograd.grad(fc.small_batch_linear(*leaves), leaves, upstream)
+    ref = (upstream.double() @ w.double(), upstream.double().t() @ x.double(),
+           upstream.double().sum(0))
+    own = torch.autograd.grad(F.linear(*leaves), leaves, upstream)
+    for g_got, g_own, g_ref, n in zip(got, own, ref, (out_features, rows, rows), strict=True):
+        assert g_got.dtype == dtype and g_got.shape == g_ref.shape
+        assert conv_planner._rel_err(g_got, g_ref) <= max(4 * conv_planner._rel_err(g_own, g_ref),
+                                                          fc.tolerance(dtype, n) / 4)
+
+
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False),
+                                  (False, False, True), (True, True, True)])
+def test_small_batch_backward_op_computes_what_is_asked(mask):
+    g, x, w = torch.randn(3, 5), torch.randn(3, 7), torch.randn(5, 7)
+    got = torch.ops.vidconv.small_batch_linear_backward(g, x, w, list(mask))
+    want = (g @ w, g.t() @ x, g.sum(0))
+    for asked, a, b in zip(mask, got, want, strict=True):
+        if asked:
+            torch.testing.assert_close(a, b)
+        else:
+            assert a is None
+    torch.library.opcheck(torch.ops.vidconv.small_batch_linear_backward.default,
+                          (g, x, w, list(mask)))
+    # Empty sizes: zero gradients of the right shapes (the bias's is still grad's row sum).
+    for m, k, o in ((0, 7, 5), (3, 0, 5), (3, 7, 0)):
+        up = torch.randn(m, o)
+        gx, gw, gb = torch.ops.vidconv.small_batch_linear_backward(
+            up, torch.randn(m, k), torch.randn(o, k), [True, True, True])
+        assert gx.shape == (m, k) and gw.shape == (o, k)
+        assert not gx.any() and not gw.any()
+        torch.testing.assert_close(gb, up.sum(0))
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.vidconv.small_batch_linear_backward(g, x, torch.randn(5, 6), [True] * 3)
+
+
+def test_small_batch_edge_sizes_and_bad_arguments():
+    x, w = torch.randn(3, 0), torch.randn(4, 0)
+    torch.testing.assert_close(fc.small_batch_linear(x, w), torch.zeros(3, 4))
+    torch.testing.assert_close(fc.small_batch_linear(x, w, torch.ones(4)), torch.ones(3, 4))
+    assert fc.small_batch_linear(torch.randn(0, 5), torch.randn(4, 5)).shape == (0, 4)
+    with pytest.raises(RuntimeError, match="x has 5 features, weight expects 6"):
+        fc.small_batch_linear(torch.randn(2, 5), torch.randn(4, 6))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        fc.small_batch_linear(torch.randn(2, 5).bfloat16(), torch.randn(4, 5).bfloat16())
+    with pytest.raises(RuntimeError, match="contiguous"):
+        fc.small_batch_linear(torch.randn(5, 2).t(), torch.randn(4, 5))
+    with pytest.raises(RuntimeError, match="bias must be"):
+        fc.small_batch_linear(torch.randn(2, 5), torch.randn(4, 5), torch.randn(3))
+
+
+def test_small_batch_opcheck_and_gradcheck():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.vidconv.small_batch_linear.default, (x, w, b))
+    torch.library.opcheck(torch.ops.vidconv.small_batch_linear.default, (x, w, None))
+    assert torch.autograd.gradcheck(fc.small_batch_linear, (x, w, b))
+    assert torch.autograd.gradgradcheck(fc.small_batch_linear, (x, w, b))
+
+
+def test_gradients_are_chosen_apart_and_a_wrong_kernel_never(monkeypatch):
+    calls: list[str] = []
+    _inject(monkeypatch, {"aten": [10.0], "weight_major": [5.0], "small_batch": [20.0],
+                          "aten gradients": [30.0], "small_batch gradients": [10.0]}, calls)
+    x = torch.randn(8, 64, requires_grad=True)
+    w = torch.randn(32, 64, requires_grad=True)
+    b = torch.randn(32, requires_grad=True)
+    upstream = torch.randn(8, 32)
+    got = torch.autograd.grad(fc.linear(x, w, b), (x, w, b), upstream)
+    entry = fc.linear_plan()[0]
+    # the fastest forward and, timed apart, the fastest gradients
+    assert entry["key"].grad and entry["chosen"] == "weight_major"
+    assert entry["gradients"] == "small_batch"
+    assert entry["gradient_times_ms"] == {"aten": 30.0, "small_batch": 10.0}
+    want = torch.autograd.grad(F.linear(x, w, b), (x, w, b), upstream)
+    for a, e, n in zip(got, want, (32, 8, 8), strict=True):
+        assert conv_planner._rel_err(a, e) <= fc.tolerance(torch.float32, n)
+    # Only the gradients the call needs are computed and timed: here not the input's.
+    fc.clear_linear_plan()
+    seen: list[list[bool]] = []
+    real = fc._GRADIENTS["small_batch"]
+    monkeypatch.setitem(fc._GRADIENTS, "small_batch",
+                        lambda g, xx, ww, mask: seen.append(list(mask)) or real(g, xx, ww, mask))
+    fc.linear(x.detach(), w, b).sum().backward()
+    assert seen and all(m == [False, True, True] for m in seen)
+
+    # Wrong gradients: refused for the key, ATen's GEMMs compute them, the forward stays chosen.
+    fc.clear_linear_plan()
+    monkeypatch.setitem(fc._GRADIENTS, "small_batch",
+                        lambda g, xx, ww, mask: tuple(t if t is None else t * 1.01
+                                                      for t in real(g, xx, ww, mask)))
+    with pytest.warns(RuntimeWarning, match="'small_batch gradients' differs from F.linear"):
+        got = torch.autograd.grad(fc.linear(x, w, b), (x, w, b), upstream)
+    entry = fc.linear_plan()[0]
+    assert entry["gradients"] == "aten" and entry["rejected"] == {"small_batch gradients":
+                                                                  "disagrees"}
+    assert entry["chosen"] == "weight_major"
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e)
+
+
+def test_training_reuses_the_forward_decided_without_gradients(monkeypatch):
+    calls: list[str] = []
+    _inject(monkeypatch, {"aten": [10.0], "weight_major": [5.0]}, calls)
+    x, w = torch.randn(8, 64), torch.randn(32, 64, requires_grad=True)
+    with torch.no_grad():
+        fc.linear(x, w)
+    forward_runs = len(calls)
+    assert set(calls) == {"aten", "weight_major", "small_batch"}
+    fc.linear(x, w).sum().backward()
+    # only the gradients were timed for the key with gradients wanted
+    assert set(calls[forward_runs:]) == {"aten gradients", "small_batch gradients"}
+    first, second = fc.linear_plan()
+    assert second["key"].grad and second["chosen"] == first["chosen"] == "weight_major"
+    assert second["times_ms"] == first["times_ms"]
+
+
+def test_small_batch_is_timed_only_where_it_applies(monkeypatch):
+    calls: list[str] = []
+    _inject(monkeypatch, {"aten": [10.0], "weight_major": [20.0], "small_batch": [1.0]}, calls)
+    with torch.no_grad():
+        fc.linear(torch.randn(8, 64), torch.randn(32, 64))  # chosen here
+        fc.linear(torch.randn(8, 64).bfloat16(), torch.randn(32, 64).bfloat16())
+        fc.linear(torch.randn(fc.SMALL_BATCH_MAX_ROWS + 1, 64), torch.randn(32, 64))
+        fc.linear(torch.randn(64, 8).t(), torch.randn(32, 64))  # x not contiguous
+    chosen = [d["chosen"] for d in fc.linear_plan()]
+    assert chosen == ["small_batch", "aten", "aten", "aten"]
+    assert all("small_batch" not in d["times_ms"] for d in fc.linear_plan()[1:])
+    # With gradients wanted the chosen kernel's backward is F.linear's.
+    x = torch.randn(8, 64, requires_grad=True)
+    w = torch.randn(32, 64, requires_grad=True)
+    upstream = torch.randn(8, 32)  # a loss linear in the output: the same gradient GEMMs
+    (fc.linear(x, w) * upstream).sum().backward()
+    assert fc.linear_plan()[-1]["chosen"] == "small_batch"
+    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
+    (F.linear(x2, w2) * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
 def test_gradcheck_float64():
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
@@ -79,7 +246,9 @@ def test_the_faster_candidate_is_chosen_once_per_key(monkeypatch):
     torch.testing.assert_close(out, F.linear(x, w, b))
     (entry,) = fc.linear_plan()
     assert entry["chosen"] == "weight_major" and entry["how"] == "tuned"
-    assert entry["times_ms"] == {"aten": 10.0, "weight_major": 5.0}
+    # small_batch (CPU, float32) is timed too; the injection gives it the default 50 ms
+    assert entry["times_ms"] == {"aten": 10.0, "weight_major": 5.0, "small_batch": 50.0}
+    assert set(entry["rel_err"]) == {"weight_major", "small_batch"} and not entry["rejected"]
     assert not entry["key"].grad and entry["key"].rows == 8 and entry["tune_s"] >= 0
     n = len(calls)
     with torch.no_grad():
@@ -117,22 +286,31 @@ def test_uneven_timings_keep_f_linear(monkeypatch):
 def test_a_wrong_or_raising_candidate_is_never_chosen(monkeypatch):
     _inject(monkeypatch, {"aten": [10.0], "weight_major": [1.0]})
     x, w = torch.randn(8, 64), torch.randn(32, 64)
-    real = fc._RUN["weight_major"]
-    monkeypatch.setitem(fc._RUN, "weight_major", lambda *a: real(*a) * 1.01)
-    monkeypatch.setattr(fc, "weight_major_linear", lambda *a: real(*a) * 1.01)
-    with pytest.warns(RuntimeWarning, match="differs from F.linear"), torch.no_grad():
+    real = fc._FORWARD["weight_major"]
+    monkeypatch.setitem(fc._FORWARD, "weight_major", lambda *a: real(*a) * 1.01)
+    with pytest.warns(RuntimeWarning, match="'weight_major' differs from F.linear"), \
+            torch.no_grad():
         out = fc.linear(x, w)
     torch.testing.assert_close(out, F.linear(x, w))
-    assert fc.linear_plan()[0]["how"] == "disagrees"
+    entry = fc.linear_plan()[0]
+    assert entry["chosen"] == "aten" and entry["rejected"] == {"weight_major": "disagrees"}
+    assert "weight_major" not in entry["times_ms"] and "small_batch" in entry["times_ms"]
 
     def boom(*a):
         raise RuntimeError("no kernel")
 
     fc.clear_linear_plan()
-    monkeypatch.setattr(fc, "weight_major_linear", boom)
+    monkeypatch.setitem(fc._FORWARD, "weight_major", boom)
     with pytest.warns(RuntimeWarning, match="raised on .*RuntimeError: no kernel"):
         torch.testing.assert_close(fc.linear(x, w), F.linear(x, w))
-    assert fc.linear_plan()[0]["how"] == "raised"
+    assert fc.linear_plan()[0]["rejected"] == {"weight_major": "raised"}
+    # Every candidate but F.linear left out: nothing is timed, and the plan says why.
+    fc.clear_linear_plan()
+    monkeypatch.setitem(fc._FORWARD, "small_batch", boom)
+    with pytest.warns(RuntimeWarning, match="raised"):
+        torch.testing.assert_close(fc.linear(x, w), F.linear(x, w))
+    entry = fc.linear_plan()[0]
+    assert entry["chosen"] == "aten" and entry["how"] == "raised" and entry["times_ms"] == {}
 
 
 @pytest.mark.parametrize("env", [{"VIDCONV_CONV_ALGO": "aten"}, {"VIDCONV_TUNE": "0"}])
