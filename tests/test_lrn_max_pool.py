@@ -407,6 +407,8 @@ def test_models_same_outputs_fused_or_not(arch, multires, monkeypatch):
     torch.testing.assert_close(grads["fused"], grads["aten"], rtol=1e-4, atol=1e-6)
 
 
+# The global backward hook also fires on modules whose inputs need no gradient (the first conv).
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 def test_stage_keeps_names_state_dict_and_hooks(monkeypatch):
     from collections import OrderedDict
 
@@ -432,3 +434,17 @@ def test_stage_keeps_names_state_dict_and_hooks(monkeypatch):
         model(_model_clip(model))
     handle.remove()
     assert len(seen) == 1
+    # So does a backward hook on pool (its gradient), and a global backward hook.
+    grads = []
+    handle = tower.conv1.pool.register_full_backward_hook(
+        lambda m, gi, go: grads.append(go[0].shape))
+    model(_model_clip(model)).sum().backward()
+    handle.remove()
+    assert len(grads) == 1
+    handle = nn.modules.module.register_module_full_backward_hook(
+        lambda m, gi, go: grads.append(type(m).__name__))
+    try:
+        model(_model_clip(model)).sum().backward()
+    finally:
+        handle.remove()
+    assert "LocalResponseNorm" in grads and "MaxPool3d" in grads

@@ -163,8 +163,9 @@ class Stage(nn.Sequential):
     for the shape (:func:`vidconv.ops.lrn_pool.prefer_fused`; on a 2-core CPU the two ATen ops
     win at some shapes). The children and their names stay those of the two modules, so
     state_dicts and hooks address ``conv1.norm`` / ``conv1.pool`` as before; a stage whose norm
-    or pool carries a forward hook runs them one by one, so the hook sees their outputs, and so
-    does a stage traced by ``torch.compile``.
+    or pool carries a hook (forward or backward, or a global module hook) runs them one by one,
+    so the hook sees their inputs, outputs and gradients, and so does a stage traced by
+    ``torch.compile``.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,8 +197,7 @@ class Stage(nn.Sequential):
         if not (x.device.type == "cpu"
                 or (x.device.type == "cuda" and build_info().has_cuda_kernels)):
             return None
-        if (norm._forward_hooks or norm._forward_pre_hooks or pool._forward_hooks
-                or pool._forward_pre_hooks or _global_hooks()):
+        if has_hooks(norm) or has_hooks(pool):  # forward or backward, theirs or global ones
             return None
         kernel, stride = _triple_of(pool.kernel_size), _triple_of(pool.stride or pool.kernel_size)
         if (kernel[0] != 1 or stride != kernel or _triple_of(pool.padding) != (0, 0, 0)
@@ -208,12 +208,6 @@ class Stage(nn.Sequential):
 
 def _triple_of(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, tuple | list) else (value, value, value)
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as module_mod
-
-    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
 
 def _stage(layer: ConvLayer, in_channels: int) -> Stage:
