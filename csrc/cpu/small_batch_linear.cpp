@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <tuple>
@@ -354,8 +355,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> small_batch_linear_backward_cpu(
     if (M == 0 || K == 0 || O == 0) {
       grad_x = at::zeros({M, K}, x.options());
     } else {
-      const int64_t bands =
-          std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (O + 7) / 8));
+      // At most kMaxBands partials (each M x K, zeroed and summed): with many threads the
+      // bands would cost more memory traffic than the split saves.
+      constexpr int64_t kMaxBands = 4;
+      const int64_t bands = std::max<int64_t>(
+          1, std::min<int64_t>({at::get_num_threads(), kMaxBands, (O + 7) / 8}));
       at::Tensor partial = at::zeros({bands, M, K}, x.options());
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "small_batch_linear_backward", [&] {
         input_grad_kernel<scalar_t>(g.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), M, K, O,

@@ -384,7 +384,10 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         if any(math.isnan(v) for v in (lo, hi, dlo, dhi)):
             return math.nan
         scale, diff = max(lo, hi), max(dlo, dhi)
-        return diff / scale if scale > 0 else diff
+        if not (math.isinf(diff) and math.isfinite(scale)):
+            return diff / scale if scale > 0 else diff
+        # The difference of finite values overflowed its type (near its largest value):
+        # float64 below, as for every other dtype.
     ref64 = ref.double()
     scale = ref64.abs().max().item() if ref.numel() else 0.0
     diff = (out.double() - ref64).abs().max().item() if ref.numel() else 0.0
