@@ -292,10 +292,7 @@ def _measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             with torch.no_grad():
                 got = run()
         except Exception as exc:  # noqa: BLE001 - a failing candidate must not fail the layer
-            warnings.warn(f"vidconv linear: candidate {name!r} raised on {where} "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0]}); it is not used "
-                          "there", RuntimeWarning, stacklevel=5)
-            rejected[name] = "raised"
+            _reject_raised(name, exc, where, rejected)
             return False
         pairs = [(a, b) for a, b in zip(got, want, strict=True) if b is not None]
         errs = [conv_planner._rel_err(a, b) if a is not None and a.shape == b.shape
@@ -344,13 +341,12 @@ def _measure(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return _measure_gradients(x, weight, bias, decision, small, where, check)
 
 
-def _reject_raised(name: str, exc: Exception, where: str,
-                   decision: LinearDecision) -> LinearDecision:
+def _reject_raised(name: str, exc: Exception, where: str, rejected: dict[str, str]) -> None:
+    """Leave candidate ``name`` out for the key: it raised ``exc``."""
     warnings.warn(f"vidconv linear: candidate {name!r} raised on {where} "
                   f"({type(exc).__name__}: {str(exc).splitlines()[0]}); it is not used there",
-                  RuntimeWarning, stacklevel=5)
-    decision.rejected[name] = "raised"
-    return decision
+                  RuntimeWarning, stacklevel=6)
+    rejected[name] = "raised"
 
 
 def _measure_gradients(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -389,7 +385,8 @@ def _measure_gradients(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             except Exception as exc:  # noqa: BLE001 - a failing candidate must not fail the layer
                 if name != ours:
                     raise
-                return _reject_raised(ours, exc, where, decision)
+                _reject_raised(ours, exc, where, rejected)
+                return decision
     # Reductions: grad_x over out_features, grad_weight and grad_bias over the rows.
     terms = [n for n, m in zip((weight.shape[0], x.shape[0], x.shape[0]), mask, strict=True)
              if m]
